@@ -1,0 +1,112 @@
+"""The :class:`EventBus` protocol and :func:`create_event_bus`, the backend factory."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from typing import Any, Protocol, runtime_checkable
+from urllib.parse import urlsplit
+
+from .errors import BackendNotInstalledError
+from .types import Event, Handler, Subscription
+
+__all__ = ["BACKENDS", "EventBus", "create_event_bus", "parse_bus_url", "resolve_backend"]
+
+
+@runtime_checkable
+class EventBus(Protocol):
+    """What every backend offers (the guide's API)."""
+
+    async def connect(self) -> None:
+        """Connect to the event bus."""
+
+    async def close(self) -> None:
+        """Close the connection."""
+
+    async def publish(self, topic: str, event: Event) -> None:
+        """Publish an event to a topic."""
+
+    async def subscribe(self, topic: str, handler: Handler, pattern: str | None = None) -> Subscription:
+        """Subscribe to events on a topic, or on every topic matching ``pattern`` (fnmatch)."""
+
+
+#: backend name -> (dotted class path, the client package it needs, the pip extra that installs it)
+BACKENDS: dict[str, tuple[str, str | None, str | None]] = {
+    "memory": ("django_eventbus.events.memory.InMemoryEventBus", None, None),
+    "postgres": ("django_eventbus.events.postgres.PostgresEventBus", "psycopg", "postgres"),
+    "redis": ("django_eventbus.events.redis.RedisEventBus", "redis", "redis"),
+}
+
+_URL_SCHEMES = {
+    "memory": "memory",
+    "redis": "redis",
+    "rediss": "redis",
+    "unix": "redis",
+    "postgres": "postgres",
+    "postgresql": "postgres",
+}
+
+
+def parse_bus_url(url: str) -> dict[str, Any]:
+    """``memory://``, ``redis://…``, ``rediss://…``, ``postgres(ql)://…`` -> a config dict."""
+    scheme = urlsplit(url).scheme.lower()
+    backend = _URL_SCHEMES.get(scheme)
+    if backend is None:
+        raise ValueError(
+            f"unknown event bus URL scheme {scheme!r} in {url!r}; use one of "
+            + ", ".join(f"{s}://" for s in _URL_SCHEMES)
+        )
+    if backend == "memory":
+        return {"backend": "memory"}
+    if backend == "redis":
+        return {"backend": "redis", "url": url}
+    return {"backend": "postgres", "connection_string": url}
+
+
+def resolve_backend(name: str) -> type[Any]:
+    """Import the class of a backend name or dotted path, with errors that say how to fix them."""
+    if name in BACKENDS:
+        path, package, extra = BACKENDS[name]
+        if package is not None:
+            try:
+                importlib.import_module(package)
+            except ImportError as exc:
+                raise BackendNotInstalledError(
+                    f"the {name!r} event bus backend needs the {package!r} package: "
+                    f"pip install 'django-eventbus[{extra}]'"
+                ) from exc
+    elif "." in name:
+        path = name
+    else:
+        raise ValueError(
+            f"unknown event bus backend {name!r}; valid backends are "
+            + ", ".join(repr(b) for b in BACKENDS)
+            + " or the dotted path of a class"
+        )
+    module_name, _, class_name = path.rpartition(".")
+    try:
+        module = importlib.import_module(module_name)
+        cls: type[Any] = getattr(module, class_name)
+    except (ImportError, AttributeError) as exc:
+        raise ImportError(f"cannot import event bus backend {path!r}: {exc}") from exc
+    return cls
+
+
+def create_event_bus(config: Mapping[str, Any] | str) -> EventBus:
+    """Create an event bus from a config dict (``{"backend": "memory", ...}``) or a URL.
+
+    Every key but ``backend`` is passed to the backend's constructor. Backends are
+    imported only here, so a missing client library fails only for its backend.
+    """
+    if isinstance(config, str):
+        config = parse_bus_url(config)
+    if not isinstance(config, Mapping) or "backend" not in config:
+        raise ValueError('event bus config must be a URL or a dict with a "backend" key')
+    options = dict(config)
+    name = options.pop("backend")
+    cls = resolve_backend(str(name))
+    try:
+        bus = cls(**options)
+    except TypeError as exc:
+        raise ValueError(f"invalid options for the {name!r} event bus backend: {exc}") from exc
+    return bus  # type: ignore[no-any-return]
