@@ -1,0 +1,109 @@
+"""Settings of the demo project, which are also the test settings.
+
+The bus comes from ``EVENTBUS_URL`` (default ``memory://``) and the database
+from ``DATABASE_URL`` (default SQLite), so the same project runs the demo on
+the embedded default and the test suite against the real servers.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY", "django-insecure-demo-only-do-not-deploy")
+DEBUG = os.environ.get("DJANGO_DEBUG", "1") == "1"
+ALLOWED_HOSTS = ["127.0.0.1", "localhost", "[::1]", "testserver"]
+
+
+def database_from_url(url: str) -> dict[str, Any]:
+    """A tiny DATABASE_URL parser (sqlite:///path, postgres://user:pass@host:port/name)."""
+    parts = urlsplit(url)
+    if parts.scheme == "sqlite":
+        name = unquote(parts.path[1:]) if parts.path not in ("", "/") else str(BASE_DIR / "db.sqlite3")
+        # A file (not :memory:) test database, so a live server in another process sees it.
+        return {
+            "ENGINE": "django.db.backends.sqlite3",
+            "NAME": name,
+            "TEST": {"NAME": str(BASE_DIR / "test-db.sqlite3")},
+        }
+    if parts.scheme in ("postgres", "postgresql"):
+        return {
+            "ENGINE": "django.db.backends.postgresql",
+            "NAME": unquote(parts.path[1:]) or "postgres",
+            "USER": unquote(parts.username or ""),
+            "PASSWORD": unquote(parts.password or ""),
+            "HOST": parts.hostname or "",
+            "PORT": str(parts.port or ""),
+            "TEST": {"NAME": os.environ.get("DATABASE_TEST_NAME", "test_eventbus")},
+        }
+    raise ValueError(f"unsupported DATABASE_URL scheme: {url!r}")
+
+
+DATABASES = {"default": database_from_url(os.environ.get("DATABASE_URL", "sqlite:///"))}
+DATABASES["default"]["ATOMIC_REQUESTS"] = True
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "channels",
+    "django_eventbus",
+    "testproject.inventory",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "testproject.urls"
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "testproject" / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ]
+        },
+    }
+]
+WSGI_APPLICATION = "testproject.wsgi.application"
+ASGI_APPLICATION = "testproject.asgi.application"
+
+STATIC_URL = "static/"
+STATIC_ROOT = BASE_DIR / "staticfiles"
+USE_TZ = True
+TIME_ZONE = "UTC"
+
+EVENTBUS: dict[str, Any] = {
+    "BUS": os.environ.get("EVENTBUS_URL", "memory://"),
+    "MODELS": {
+        "inventory.Product": {},
+        "inventory.Order": {},
+    },
+}
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "handlers": {"console": {"class": "logging.StreamHandler"}},
+    "loggers": {"django_eventbus": {"handlers": ["console"], "level": os.environ.get("EVENTBUS_LOG", "INFO")}},
+}
