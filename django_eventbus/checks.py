@@ -1,0 +1,168 @@
+"""System checks: every misconfiguration of ``EVENTBUS`` is an error that says how to fix it.
+
+Ids are stable (``django_eventbus.E001``…) so they can be silenced or searched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from django.apps import AppConfig, apps
+from django.conf import settings
+from django.core.checks import CheckMessage, Error, Tags, Warning, register
+
+from .conf import DEFAULTS, MODEL_DEFAULTS, conf
+from .events.bus import parse_bus_url, resolve_backend
+
+__all__ = ["check_settings"]
+
+DOCS = "see the django-eventbus README, section Settings"
+
+
+@register(Tags.compatibility)
+def check_settings(app_configs: list[AppConfig] | None = None, **kwargs: Any) -> list[CheckMessage]:
+    raw = getattr(settings, "EVENTBUS", {})
+    if not isinstance(raw, Mapping):
+        return [
+            Error(
+                f"EVENTBUS must be a dict, not {type(raw).__name__}.",
+                hint='Use EVENTBUS = {"BUS": "memory://", "MODELS": {...}}; ' + DOCS,
+                id="django_eventbus.E001",
+            )
+        ]
+    errors: list[CheckMessage] = []
+    unknown = sorted(set(raw) - set(DEFAULTS))
+    if unknown:
+        errors.append(
+            Error(
+                f"EVENTBUS has unknown keys: {', '.join(unknown)}.",
+                hint=f"Valid keys are {', '.join(sorted(DEFAULTS))}; {DOCS}.",
+                id="django_eventbus.E002",
+            )
+        )
+    errors += _check_bus()
+    errors += _check_models()
+    return errors
+
+
+def _check_bus() -> list[CheckMessage]:
+    bus = conf.BUS
+    try:
+        config = parse_bus_url(bus) if isinstance(bus, str) else dict(bus)
+    except (ValueError, TypeError) as exc:
+        return [Error(f"EVENTBUS['BUS'] is invalid: {exc}", hint=DOCS, id="django_eventbus.E003")]
+    name = config.get("backend")
+    if not name:
+        return [
+            Error(
+                "EVENTBUS['BUS'] has no 'backend'.",
+                hint='Use "memory://", "redis://host:6379/0", "postgres://…" or {"backend": "memory"}.',
+                id="django_eventbus.E003",
+            )
+        ]
+    try:
+        resolve_backend(str(name))
+    except ImportError as exc:
+        return [Error(str(exc), hint="Install the extra named above.", id="django_eventbus.E004")]
+    except ValueError as exc:
+        return [Error(str(exc), hint=DOCS, id="django_eventbus.E003")]
+    if name == "postgres" and not config.get("connection_string"):
+        alias = conf.DATABASE_ALIAS
+        from django.db import connections
+
+        if alias not in connections.settings or connections[alias].vendor != "postgresql":
+            return [
+                Error(
+                    f"The postgres event bus has no connection_string and DATABASES[{alias!r}] "
+                    "is not PostgreSQL.",
+                    hint="Set EVENTBUS['BUS']['connection_string'] or EVENTBUS['DATABASE_ALIAS'] "
+                    "to a PostgreSQL database.",
+                    id="django_eventbus.E005",
+                )
+            ]
+    return []
+
+
+def _check_models() -> list[CheckMessage]:
+    errors: list[CheckMessage] = []
+    models_setting = conf.MODELS
+    if not isinstance(models_setting, Mapping):
+        return [
+            Error(
+                "EVENTBUS['MODELS'] must be a dict of 'app_label.ModelName': {options}.",
+                id="django_eventbus.E006",
+            )
+        ]
+    from .tracking import EVENT_NAMES, configured_models
+
+    for label, options in configured_models().items():
+        try:
+            model = apps.get_model(label)
+        except (LookupError, ValueError):
+            errors.append(
+                Error(
+                    f"EVENTBUS['MODELS'] names {label!r}, which is not an installed model.",
+                    hint="Use 'app_label.ModelName' of a model in INSTALLED_APPS (e.g. 'auth.User').",
+                    id="django_eventbus.E007",
+                )
+            )
+            continue
+        unknown_options = sorted(set(options) - set(MODEL_DEFAULTS))
+        if unknown_options:
+            errors.append(
+                Error(
+                    f"EVENTBUS['MODELS'][{label!r}] has unknown options: {', '.join(unknown_options)}.",
+                    hint=f"Valid options are {', '.join(MODEL_DEFAULTS)}.",
+                    id="django_eventbus.E008",
+                )
+            )
+        names = {f.name for f in model._meta.concrete_fields} | {f.attname for f in model._meta.concrete_fields}
+        for key in ("fields", "exclude"):
+            for field_name in options.get(key) or ():
+                if field_name not in names:
+                    errors.append(
+                        Error(
+                            f"EVENTBUS['MODELS'][{label!r}][{key!r}] names {field_name!r}, "
+                            f"which is not a concrete field of {model._meta.label}.",
+                            hint=f"Fields of {model._meta.label}: {', '.join(sorted(f.name for f in model._meta.concrete_fields))}.",
+                            id="django_eventbus.E009",
+                        )
+                    )
+        for event_name in options.get("events") or ():
+            if event_name not in EVENT_NAMES:
+                errors.append(
+                    Error(
+                        f"EVENTBUS['MODELS'][{label!r}]['events'] has {event_name!r}.",
+                        hint="Model events are 'created', 'updated' and 'deleted'.",
+                        id="django_eventbus.E010",
+                    )
+                )
+        topic = options.get("topic")
+        if topic is not None and (not isinstance(topic, str) or not topic):
+            errors.append(
+                Error(
+                    f"EVENTBUS['MODELS'][{label!r}]['topic'] must be a non-empty string.",
+                    id="django_eventbus.E011",
+                )
+            )
+    return errors
+
+
+@register(Tags.compatibility, deploy=True)
+def check_deploy(app_configs: list[AppConfig] | None = None, **kwargs: Any) -> list[CheckMessage]:
+    warnings: list[CheckMessage] = []
+    try:
+        backend = conf.raw_bus_config().get("backend")
+    except (ValueError, TypeError):
+        return []
+    if backend == "memory" and not settings.DEBUG:
+        warnings.append(
+            Warning(
+                "The memory event bus delivers only inside one process: other processes "
+                "(listeners, other web workers) get nothing.",
+                hint="Use EVENTBUS['BUS'] = 'redis://…' or 'postgres://…' in production.",
+                id="django_eventbus.W001",
+            )
+        )
+    return warnings

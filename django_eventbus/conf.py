@@ -1,0 +1,123 @@
+"""The ``EVENTBUS`` setting, read live on every access.
+
+Reading ``settings.EVENTBUS`` each time (rather than caching it at import) is
+what makes ``override_settings`` and pytest-django's ``settings`` fixture work.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+from typing import Any
+
+from django.conf import settings
+
+__all__ = ["DEFAULTS", "conf"]
+
+DEFAULTS: dict[str, Any] = {
+    "BUS": {"backend": "memory"},
+    "MODELS": {},
+    "EXCLUDE_FIELDS": ["password"],
+    "STORE_EVENTS": True,
+    "RETENTION": 7 * 24 * 3600,
+    "SOURCE": None,
+    "DATABASE_ALIAS": "default",
+    "EMIT_RAW": False,
+    "CONSUMERS_MODULE": "event_consumers",
+    "PUBLISH_TIMEOUT": 10.0,
+}
+
+MODEL_DEFAULTS: dict[str, Any] = {
+    "topic": None,
+    "fields": None,
+    "exclude": [],
+    "events": ["created", "updated", "deleted"],
+    "track_changes": True,
+}
+
+
+class EventBusSettings:
+    """Typed access to ``settings.EVENTBUS`` with defaults; see the README for each key."""
+
+    @property
+    def raw(self) -> Mapping[str, Any]:
+        value = getattr(settings, "EVENTBUS", None)
+        return value if isinstance(value, Mapping) else {}
+
+    def get(self, key: str) -> Any:
+        return self.raw.get(key, DEFAULTS[key])
+
+    @property
+    def BUS(self) -> Mapping[str, Any] | str:
+        return self.get("BUS")  # type: ignore[no-any-return]
+
+    @property
+    def MODELS(self) -> Mapping[str, Mapping[str, Any]]:
+        return self.get("MODELS")  # type: ignore[no-any-return]
+
+    @property
+    def EXCLUDE_FIELDS(self) -> list[str]:
+        return list(self.get("EXCLUDE_FIELDS"))
+
+    @property
+    def STORE_EVENTS(self) -> bool:
+        return bool(self.get("STORE_EVENTS"))
+
+    @property
+    def RETENTION(self) -> int:
+        return int(self.get("RETENTION"))
+
+    @property
+    def SOURCE(self) -> str:
+        value = self.get("SOURCE")
+        # host:pid names the process that published, which is what an operator needs to find it.
+        return str(value) if value else f"{socket.gethostname()}:{os.getpid()}"
+
+    @property
+    def DATABASE_ALIAS(self) -> str:
+        return str(self.get("DATABASE_ALIAS"))
+
+    @property
+    def EMIT_RAW(self) -> bool:
+        return bool(self.get("EMIT_RAW"))
+
+    @property
+    def CONSUMERS_MODULE(self) -> str:
+        return str(self.get("CONSUMERS_MODULE"))
+
+    @property
+    def PUBLISH_TIMEOUT(self) -> float:
+        return float(self.get("PUBLISH_TIMEOUT"))
+
+    def raw_bus_config(self) -> dict[str, Any]:
+        """The ``BUS`` setting as a ``create_event_bus`` config dict, as written."""
+        from .events.bus import parse_bus_url
+
+        bus = self.BUS
+        return parse_bus_url(bus) if isinstance(bus, str) else dict(bus)
+
+    def uses_django_database(self) -> bool:
+        """True for the PostgreSQL bus without ``connection_string``: Django's database is the transport."""
+        config = self.raw_bus_config()
+        return config.get("backend") == "postgres" and not config.get("connection_string")
+
+    def bus_config(self) -> dict[str, Any]:
+        """The config the process's bus is built from (Django's database filled in if needed)."""
+        config = self.raw_bus_config()
+        if self.uses_django_database():
+            config["connection_string"] = django_database_conninfo(self.DATABASE_ALIAS)
+        return config
+
+
+def django_database_conninfo(alias: str) -> str:
+    """A libpq conninfo string for a Django PostgreSQL database alias."""
+    from django.db import connections
+    from psycopg.conninfo import make_conninfo
+
+    params = connections[alias].get_connection_params()
+    keys = {"dbname", "user", "password", "host", "port", "sslmode", "sslrootcert", "sslcert", "sslkey"}
+    return make_conninfo(**{k: v for k, v in params.items() if k in keys and v not in (None, "")})
+
+
+conf = EventBusSettings()

@@ -1,0 +1,271 @@
+"""The process's event bus, run on one event loop in a background thread.
+
+Django code is mostly synchronous (views, signals, ``on_commit``) while the
+bus is asyncio. Calling ``async_to_sync`` from code that may itself run under
+an event loop fails ("You cannot use AsyncToSync in the same thread as an
+async event loop"), and an asyncio bus is bound to the loop that connected
+it. So each process gets one bus, owned by one loop in a daemon thread; sync
+code hands it coroutines with ``run_coroutine_threadsafe`` and async code
+awaits the same futures. Handlers subscribed through it run on that loop.
+
+The runner is built lazily from ``EVENTBUS["BUS"]`` and rebuilt when the
+setting changes (``setting_changed``), like channels' layer manager.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, TypeVar
+
+from django.core.signals import setting_changed
+from django.dispatch import receiver
+
+from .conf import conf
+from .events import Event, Subscription, create_event_bus
+from .events.base import BaseEventBus
+from .events.types import Handler
+
+__all__ = ["BusRunner", "ProcessBus", "aget_bus", "get_bus", "get_runner", "reset_runner"]
+
+logger = logging.getLogger("django_eventbus")
+
+T = TypeVar("T")
+
+
+class BusRunner:
+    """One connected bus on a private event loop thread."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = config
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run, name="django-eventbus", daemon=True)
+        self._bus: BaseEventBus | None = None
+        self._started = threading.Event()
+        self._closed = False
+        self._pending: set[concurrent.futures.Future[Any]] = set()
+        self._lock = threading.Lock()
+        self._thread.start()
+        self._started.wait()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._loop.call_soon(self._started.set)
+        self._loop.run_forever()
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
+
+    def in_runner_thread(self) -> bool:
+        return threading.current_thread() is self._thread
+
+    async def _ensure_bus(self) -> BaseEventBus:
+        if self._bus is None:
+            bus = create_event_bus(self.config)
+            await bus.connect()
+            self._bus = bus  # type: ignore[assignment]
+        assert self._bus is not None
+        return self._bus
+
+    # -- running coroutines on the bus loop ----------------------------------
+
+    def submit(self, factory: Callable[[BaseEventBus], Awaitable[T]]) -> concurrent.futures.Future[T]:
+        """Run ``factory(bus)`` on the bus loop; returns a thread-safe future."""
+        if self._closed:
+            raise RuntimeError("the event bus runner was closed")
+
+        async def run() -> T:
+            return await factory(await self._ensure_bus())
+
+        future = asyncio.run_coroutine_threadsafe(run(), self._loop)
+        with self._lock:
+            self._pending.add(future)
+        future.add_done_callback(self._done)
+        return future
+
+    def _done(self, future: concurrent.futures.Future[Any]) -> None:
+        with self._lock:
+            self._pending.discard(future)
+
+    def call(self, factory: Callable[[BaseEventBus], Awaitable[T]], timeout: float | None = None) -> T:
+        """Run ``factory(bus)`` on the bus loop and wait for its result (from a sync thread)."""
+        if self.in_runner_thread():
+            raise RuntimeError("BusRunner.call() would deadlock on the bus's own thread; use submit()")
+        return self.submit(factory).result(timeout if timeout is not None else conf.PUBLISH_TIMEOUT)
+
+    async def acall(self, factory: Callable[[BaseEventBus], Awaitable[T]]) -> T:
+        """Await ``factory(bus)`` run on the bus loop, from any event loop."""
+        if self.in_runner_thread():
+            return await factory(await self._ensure_bus())
+        return await asyncio.wrap_future(self.submit(factory))
+
+    # -- conveniences -----------------------------------------------------------
+
+    @property
+    def bus(self) -> BaseEventBus:
+        """The connected bus (connecting it if needed). Use its methods through call/acall."""
+        if self._bus is None:
+            if self.in_runner_thread():
+                raise RuntimeError("the bus is not connected yet; await runner.acall(...) first")
+            self.call(lambda bus: _identity(bus))
+        assert self._bus is not None
+        return self._bus
+
+    def publish_many(self, events: list[Event], wait: bool = True) -> None:
+        """Publish from sync code. Waits for the transport unless ``wait`` is false or that could deadlock."""
+        future = self.submit(lambda bus: bus.publish_many(events))
+        if wait and not self.in_runner_thread() and not _loop_running_here():
+            future.result(conf.PUBLISH_TIMEOUT)
+        else:
+            future.add_done_callback(_log_failure(events))
+
+    def flush(self, timeout: float = 10.0) -> None:
+        """Wait until everything submitted so far has finished (tests, shutdown)."""
+        with self._lock:
+            pending = list(self._pending)
+        concurrent.futures.wait(pending, timeout)
+
+    def close(self, timeout: float = 10.0) -> None:
+        if self._closed:
+            return
+        self.flush(timeout)
+        self._closed = True
+
+        async def shutdown() -> None:
+            if self._bus is not None:
+                await self._bus.close()
+
+        if self._thread.is_alive() and not self.in_runner_thread():
+            try:
+                asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(timeout)
+            except Exception:
+                logger.exception("closing the event bus failed")
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout)
+            if not self._loop.is_running():
+                self._loop.close()
+
+
+async def _identity(bus: BaseEventBus) -> BaseEventBus:
+    return bus
+
+
+def _loop_running_here() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+def _log_failure(events: list[Event]) -> Callable[[concurrent.futures.Future[None]], None]:
+    def check(future: concurrent.futures.Future[None]) -> None:
+        if not future.cancelled() and future.exception() is not None:
+            logger.error(
+                "publishing %d event(s) (first %s) failed; they are in the event log if STORE_EVENTS is on",
+                len(events),
+                events[0].event_id if events else "-",
+                exc_info=future.exception(),
+            )
+
+    return check
+
+
+_runner: BusRunner | None = None
+_runner_lock = threading.Lock()
+
+
+def get_runner() -> BusRunner:
+    """The process's :class:`BusRunner`, built from ``EVENTBUS["BUS"]`` on first use."""
+    global _runner
+    if _runner is None:
+        with _runner_lock:
+            if _runner is None:
+                _runner = BusRunner(conf.bus_config())
+    return _runner
+
+
+def reset_runner() -> None:
+    """Close the process's bus; the next use builds a new one from the current settings."""
+    global _runner
+    with _runner_lock:
+        runner, _runner = _runner, None
+    if runner is not None:
+        runner.close()
+
+
+class ProcessBus:
+    """The process's bus as an :class:`EventBus` usable from any thread or event loop.
+
+    Each call runs on the runner's loop (where the transport lives); handlers run
+    there too. ``connect``/``close`` are no-ops: the runner owns the connection.
+    """
+
+    def __init__(self, runner: BusRunner) -> None:
+        self.runner = runner
+
+    async def connect(self) -> None:
+        await self.runner.acall(_identity)
+
+    async def close(self) -> None:
+        """The shared bus stays open; use :func:`reset_runner` to close it."""
+
+    async def publish(self, topic: str, event: Event) -> None:
+        await self.runner.acall(lambda bus: bus.publish(topic, event))
+
+    async def publish_many(self, events: Iterable[Event]) -> None:
+        batch = list(events)
+        await self.runner.acall(lambda bus: bus.publish_many(batch))
+
+    async def subscribe(self, topic: str, handler: Handler, pattern: str | None = None) -> Subscription:
+        inner = await self.runner.acall(lambda bus: bus.subscribe(topic, handler, pattern))
+        return self._wrap(inner)
+
+    def subscribe_sync(self, topic: str, handler: Handler, pattern: str | None = None) -> Subscription:
+        return self._wrap(self.runner.call(lambda bus: bus.subscribe(topic, handler, pattern)))
+
+    def _wrap(self, inner: Subscription) -> Subscription:
+        runner = self.runner
+
+        async def cancel(_: Subscription) -> None:
+            await runner.acall(lambda bus: inner.cancel())
+
+        return Subscription(
+            topic=inner.topic,
+            pattern=inner.pattern,
+            subscription_id=inner.subscription_id,
+            created_at=inner.created_at,
+            _on_cancel=cancel,
+        )
+
+    @property
+    def stats(self) -> Any:
+        return self.runner.bus.stats
+
+    @property
+    def backend(self) -> BaseEventBus:
+        """The backend instance itself (only touch it on the runner's loop)."""
+        return self.runner.bus
+
+
+def get_bus() -> ProcessBus:
+    """The process's bus, usable from sync or async code in any thread."""
+    return ProcessBus(get_runner())
+
+
+async def aget_bus() -> ProcessBus:
+    """The process's bus, connected, from async code."""
+    bus = get_bus()
+    await bus.connect()
+    return bus
+
+
+@receiver(setting_changed)
+def _reset_on_setting_change(setting: str, **kwargs: Any) -> None:
+    if setting == "EVENTBUS":
+        reset_runner()
+
