@@ -57,6 +57,10 @@ class BusRunner:
         self._loop.run_forever()
 
     @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
     def loop(self) -> asyncio.AbstractEventLoop:
         return self._loop
 
@@ -266,6 +270,12 @@ async def aget_bus() -> ProcessBus:
 
 @receiver(setting_changed)
 def _reset_on_setting_change(setting: str, **kwargs: Any) -> None:
-    if setting == "EVENTBUS":
-        reset_runner()
+    # Only a different bus needs a new runner; other keys (MODELS…) are read live.
+    if setting in ("EVENTBUS", "DATABASES") and _runner is not None:
+        try:
+            same = _runner.config == conf.bus_config()
+        except Exception:
+            same = False
+        if not same:
+            reset_runner()
 

@@ -31,7 +31,7 @@ logger = logging.getLogger("django_eventbus")
 M = TypeVar("M", bound=type[models.Model])
 
 EVENT_NAMES = {"created": EventType.CREATED, "updated": EventType.UPDATED, "deleted": EventType.DELETED}
-_SNAPSHOT = "_eventbus_snapshot"  # loaded values, to tell what an UPDATE changed
+SNAPSHOT_ATTR = "_eventbus_snapshot"  # loaded values, to tell what an UPDATE changed
 _KNOWN = "_eventbus_known"  # whether the snapshot reflects the database row
 
 
@@ -162,7 +162,7 @@ def _event(tracking: ModelTracking, type_: EventType, payload: dict[str, Any]) -
 def _on_post_init(sender: type[models.Model], instance: models.Model, **kwargs: Any) -> None:
     tracking = tracking_for(sender)
     if tracking is not None and tracking.track_changes:
-        instance.__dict__[_SNAPSHOT] = raw_values(instance, tracking.fields)
+        instance.__dict__[SNAPSHOT_ATTR] = raw_values(instance, tracking.fields)
 
 
 def _on_pre_save(sender: type[models.Model], instance: models.Model, **kwargs: Any) -> None:
@@ -175,7 +175,7 @@ def changes(
     tracking: ModelTracking, instance: models.Model, update_fields: Iterable[str] | None
 ) -> dict[str, tuple[Any, Any]] | None:
     """attname -> (old, new) of the tracked fields an UPDATE changed; ``None`` if unknown."""
-    snapshot = instance.__dict__.get(_SNAPSHOT)
+    snapshot = instance.__dict__.get(SNAPSHOT_ATTR)
     if snapshot is None or not instance.__dict__.get(_KNOWN):
         return None
     current = raw_values(instance, tracking.fields)
@@ -221,7 +221,7 @@ def _on_post_save(
 
 
 def _remember(tracking: ModelTracking, instance: models.Model) -> None:
-    instance.__dict__[_SNAPSHOT] = raw_values(instance, tracking.fields)
+    instance.__dict__[SNAPSHOT_ATTR] = raw_values(instance, tracking.fields)
 
 
 def _on_post_delete(sender: type[models.Model], instance: models.Model, using: str, **kwargs: Any) -> None:

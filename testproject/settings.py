@@ -66,6 +66,7 @@ MIDDLEWARE = [
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django_eventbus.middleware.CorrelationIdMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
@@ -98,6 +99,7 @@ EVENTBUS: dict[str, Any] = {
     "MODELS": {
         "inventory.Product": {},
         "inventory.Order": {},
+        "inventory.Shipment": {"exclude": ["secret"]},
     },
 }
 
