@@ -23,7 +23,18 @@ _LAZY = {
     "EventType": "django_eventbus.events",
 }
 
-__all__ = sorted(_LAZY)
+__all__ = [
+    "Event",
+    "EventType",
+    "aget_bus",
+    "apublish",
+    "correlation",
+    "emit_model_events",
+    "get_bus",
+    "make_event",
+    "publish",
+    "track",
+]
 
 if TYPE_CHECKING:
     from .context import correlation

@@ -5,7 +5,7 @@ Ids are stable (``django_eventbus.E001``…) so they can be silenced or searched
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from django.apps import AppConfig, apps
@@ -21,7 +21,9 @@ DOCS = "see the django-eventbus README, section Settings"
 
 
 @register(Tags.compatibility)
-def check_settings(app_configs: list[AppConfig] | None = None, **kwargs: Any) -> list[CheckMessage]:
+def check_settings(
+    app_configs: Sequence[AppConfig] | None = None, databases: Sequence[str] | None = None, **kwargs: Any
+) -> list[CheckMessage]:
     raw = getattr(settings, "EVENTBUS", {})
     if not isinstance(raw, Mapping):
         return [
@@ -86,7 +88,7 @@ def _check_bus() -> list[CheckMessage]:
 
 def _check_models() -> list[CheckMessage]:
     errors: list[CheckMessage] = []
-    models_setting = conf.MODELS
+    models_setting: object = conf.MODELS
     if not isinstance(models_setting, Mapping):
         return [
             Error(
@@ -117,7 +119,9 @@ def _check_models() -> list[CheckMessage]:
                     id="django_eventbus.E008",
                 )
             )
-        names = {f.name for f in model._meta.concrete_fields} | {f.attname for f in model._meta.concrete_fields}
+        names = {f.name for f in model._meta.concrete_fields} | {
+            f.attname for f in model._meta.concrete_fields
+        }
         for key in ("fields", "exclude"):
             for field_name in options.get(key) or ():
                 if field_name not in names:
@@ -125,7 +129,8 @@ def _check_models() -> list[CheckMessage]:
                         Error(
                             f"EVENTBUS['MODELS'][{label!r}][{key!r}] names {field_name!r}, "
                             f"which is not a concrete field of {model._meta.label}.",
-                            hint=f"Fields of {model._meta.label}: {', '.join(sorted(f.name for f in model._meta.concrete_fields))}.",
+                            hint=f"Fields of {model._meta.label}: "
+                            + ", ".join(sorted(f.name for f in model._meta.concrete_fields)),
                             id="django_eventbus.E009",
                         )
                     )
@@ -150,7 +155,9 @@ def _check_models() -> list[CheckMessage]:
 
 
 @register(Tags.compatibility, deploy=True)
-def check_deploy(app_configs: list[AppConfig] | None = None, **kwargs: Any) -> list[CheckMessage]:
+def check_deploy(
+    app_configs: Sequence[AppConfig] | None = None, databases: Sequence[str] | None = None, **kwargs: Any
+) -> list[CheckMessage]:
     warnings: list[CheckMessage] = []
     try:
         backend = conf.raw_bus_config().get("backend")

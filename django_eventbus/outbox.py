@@ -96,7 +96,9 @@ def flush_pending(timeout: float = 10.0) -> None:
     get_runner().flush(timeout)
 
 
-def db_notifications(events: Sequence[Event], connection: BaseDatabaseWrapper) -> list[tuple[str, str]] | None:
+def db_notifications(
+    events: Sequence[Event], connection: BaseDatabaseWrapper
+) -> list[tuple[str, str]] | None:
     """NOTIFY pairs when the bus is PostgreSQL on this very database, else ``None``."""
     if not conf.uses_django_database():
         return None

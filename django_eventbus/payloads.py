@@ -10,7 +10,7 @@ datetimes ISO 8601, durations ISO 8601, files by name, foreign keys by pk.
 from __future__ import annotations
 
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, cast
 
 from django.db import models
 from django.db.models.fields.files import FieldFile
@@ -36,7 +36,7 @@ def field_json(field: models.Field[Any, Any], value: Any) -> Any:
     except EventSerializationError:
         # A custom field's own serialisation (the one dumpdata uses); value_to_string
         # reads the attribute from an object, so hand it one holding this value.
-        return field.value_to_string(SimpleNamespace(**{field.attname: value}))
+        return field.value_to_string(cast(Any, SimpleNamespace(**{field.attname: value})))
 
 
 def instance_payload(
@@ -56,7 +56,10 @@ def instance_payload(
     if changed is not None:
         by_attname = {f.attname: f for f in fields}
         payload["changed"] = {
-            by_attname[attname].name: [field_json(by_attname[attname], old), field_json(by_attname[attname], new)]
+            by_attname[attname].name: [
+                field_json(by_attname[attname], old),
+                field_json(by_attname[attname], new),
+            ]
             for attname, (old, new) in changed.items()
         }
     return payload

@@ -16,7 +16,9 @@ from .outbox import emit
 __all__ = ["apublish", "make_event", "publish"]
 
 
-def make_event(topic: str, event_type: EventType | str = EventType.CUSTOM, payload: Any = None, **kw: Any) -> Event:
+def make_event(
+    topic: str, event_type: EventType | str = EventType.CUSTOM, payload: Any = None, **kw: Any
+) -> Event:
     """An event with this process's ``source`` and the current correlation id filled in."""
     kw.setdefault("source", conf.SOURCE)
     kw.setdefault("correlation_id", current_correlation_id())

@@ -12,7 +12,7 @@ per row for tracked models. For code you cannot change, call
 from __future__ import annotations
 
 import contextvars
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any, TypeVar
 
 from django.db import models, transaction
@@ -36,15 +36,16 @@ class EventBusQuerySet(models.QuerySet[M]):
         emit_model_events([o for o in created if o.pk is not None], EventType.CREATED, using=self.db)
         return created
 
-    def bulk_update(self, objs: Iterable[M], fields: Sequence[str], *args: Any, **kwargs: Any) -> int:
+    def bulk_update(self, objs: Iterable[M], fields: Iterable[str], batch_size: int | None = None) -> int:
         objs = list(objs)
+        fields = list(fields)
         # Django's bulk_update runs QuerySet.update() per batch: that must not emit as well.
         token = _in_bulk_update.set(True)
         try:
-            count = super().bulk_update(objs, fields, *args, **kwargs)
+            count = super().bulk_update(objs, fields, batch_size=batch_size)
         finally:
             _in_bulk_update.reset(token)
-        emit_model_events(objs, EventType.UPDATED, changed_fields=list(fields), using=self.db)
+        emit_model_events(objs, EventType.UPDATED, changed_fields=fields, using=self.db)
         return count
 
     def update(self, **kwargs: Any) -> int:

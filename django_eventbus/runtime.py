@@ -278,4 +278,3 @@ def _reset_on_setting_change(setting: str, **kwargs: Any) -> None:
             same = False
         if not same:
             reset_runner()
-

@@ -62,7 +62,9 @@ def _insert(batch: Sequence[Event], connection: BaseDatabaseWrapper, notes: list
             event.correlation_id,
             dumps(event.metadata),
         ]
-    insert = f"INSERT INTO {table} ({', '.join(qn(c) for c in _COLUMNS)}) VALUES {', '.join([row] * len(batch))}"
+    insert = (
+        f"INSERT INTO {table} ({', '.join(qn(c) for c in _COLUMNS)}) VALUES {', '.join([row] * len(batch))}"
+    )
     if notes:
         assert connection.vendor == "postgresql", "NOTIFY only exists on PostgreSQL"
         sql = f"WITH ins AS ({insert} RETURNING 1) SELECT {', '.join(['pg_notify(%s, %s)'] * len(notes))}"

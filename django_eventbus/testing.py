@@ -54,7 +54,9 @@ class CapturedEvents(list[Event]):
         """Block until at least ``count`` events arrived (events from other processes take a moment)."""
         with self._changed:
             if not self._changed.wait_for(lambda: len(self) >= count, timeout):
-                raise AssertionError(f"expected {count} events within {timeout}s, got {len(self)}: {self.topics()}")
+                raise AssertionError(
+                    f"expected {count} events within {timeout}s, got {len(self)}: {self.topics()}"
+                )
         return self
 
 

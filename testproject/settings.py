@@ -107,5 +107,7 @@ LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "handlers": {"console": {"class": "logging.StreamHandler"}},
-    "loggers": {"django_eventbus": {"handlers": ["console"], "level": os.environ.get("EVENTBUS_LOG", "INFO")}},
+    "loggers": {
+        "django_eventbus": {"handlers": ["console"], "level": os.environ.get("EVENTBUS_LOG", "INFO")}
+    },
 }

@@ -53,4 +53,3 @@ def _close_bus_at_session_end() -> Iterator[None]:
     from django_eventbus.runtime import reset_runner
 
     reset_runner()
-

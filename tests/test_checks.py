@@ -80,11 +80,19 @@ def test_model_label_that_does_not_resolve() -> None:
 def test_unknown_model_option_field_and_event() -> None:
     errors = run(
         MODELS={
-            "inventory.Product": {"fields": ["name", "colour"], "exclude": ["nope"], "events": ["created", "saved"], "topics": "x"}
+            "inventory.Product": {
+                "fields": ["name", "colour"],
+                "exclude": ["nope"],
+                "events": ["created", "saved"],
+                "topics": "x",
+            }
         }
     )
     assert sorted(ids(errors)) == [
-        "django_eventbus.E008", "django_eventbus.E009", "django_eventbus.E009", "django_eventbus.E010",
+        "django_eventbus.E008",
+        "django_eventbus.E009",
+        "django_eventbus.E009",
+        "django_eventbus.E010",
     ]
     text = " ".join(e.msg + (e.hint or "") for e in errors)
     assert "'colour'" in text and "'nope'" in text and "'saved'" in text and "topics" in text
@@ -96,7 +104,10 @@ def test_topic_must_be_a_string() -> None:
 
 
 def test_manage_py_check_fails_on_bad_settings() -> None:
-    with override_settings(EVENTBUS={"BUS": {"backend": "kafka"}}), pytest.raises(SystemCheckError, match="E003"):
+    with (
+        override_settings(EVENTBUS={"BUS": {"backend": "kafka"}}),
+        pytest.raises(SystemCheckError, match="E003"),
+    ):
         call_command("check")
 
 

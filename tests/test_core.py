@@ -30,7 +30,13 @@ from django_eventbus.events.codec import dumps_event, loads_event
 
 def test_event_types_have_the_guides_seven_values() -> None:
     assert [t.value for t in EventType] == [
-        "created", "updated", "deleted", "activated", "deactivated", "error", "custom",
+        "created",
+        "updated",
+        "deleted",
+        "activated",
+        "deactivated",
+        "error",
+        "custom",
     ]
 
 
@@ -90,7 +96,14 @@ def test_to_dict_from_dict_round_trips_every_field_through_json() -> None:
 
 @pytest.mark.parametrize(
     "bad",
-    ['{"type": "nope", "topic": "t"}', '{"topic": "t"}', "[1, 2]", "not json", b"\xff\xfe", '{"type": "created"}'],
+    [
+        '{"type": "nope", "topic": "t"}',
+        '{"topic": "t"}',
+        "[1, 2]",
+        "not json",
+        b"\xff\xfe",
+        '{"type": "created"}',
+    ],
 )
 def test_malformed_wire_data_is_a_value_error(bad: str | bytes) -> None:
     with pytest.raises(ValueError):
@@ -138,7 +151,10 @@ def test_factory_accepts_urls_and_dotted_paths() -> None:
     assert parse_bus_url("redis://:pw@h:1/2") == {"backend": "redis", "url": "redis://:pw@h:1/2"}
     assert parse_bus_url("rediss://h") == {"backend": "redis", "url": "rediss://h"}
     assert parse_bus_url("postgres://u@h/db")["backend"] == "postgres"
-    assert parse_bus_url("postgresql://u@h/db") == {"backend": "postgres", "connection_string": "postgresql://u@h/db"}
+    assert parse_bus_url("postgresql://u@h/db") == {
+        "backend": "postgres",
+        "connection_string": "postgresql://u@h/db",
+    }
     bus = create_event_bus({"backend": "django_eventbus.events.memory.InMemoryEventBus"})
     assert isinstance(bus, InMemoryEventBus)
 
@@ -222,7 +238,11 @@ async def test_memory_pattern_is_case_sensitive_fnmatch() -> None:
     for topic in ["registry:bots", "registry:bats", "Registry:bots", "knowledge:x", "registry:bots:config"]:
         await bus.publish(topic, Event(type=EventType.CREATED, topic=topic))
     assert got == [
-        "registry:bots", "Q:registry:bots", "registry:bats", "Q:registry:bats", "Q:knowledge:x",
+        "registry:bots",
+        "Q:registry:bots",
+        "registry:bats",
+        "Q:registry:bats",
+        "Q:knowledge:x",
         "Q:registry:bots:config",
     ]
     await bus.close()

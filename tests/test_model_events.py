@@ -51,7 +51,9 @@ def test_create_update_delete_emit_events(captured_events: CapturedEvents) -> No
     assert logged == [(e.event_id, e.type.value) for e in captured_events]
 
 
-def test_update_that_changes_nothing_tracked_emits_nothing(settings: Any, captured_events: CapturedEvents) -> None:
+def test_update_that_changes_nothing_tracked_emits_nothing(
+    settings: Any, captured_events: CapturedEvents
+) -> None:
     settings.EVENTBUS = {**settings.EVENTBUS, "MODELS": {"inventory.Product": {"exclude": ["updated_at"]}}}
     product = Product.objects.create(name="Chair")
     product.save()  # nothing changed
@@ -119,7 +121,15 @@ def test_store_events_off_writes_no_log(settings: Any, captured_events: Captured
 def test_loaddata_emits_nothing_unless_asked(settings: Any, tmp_path: Any) -> None:
     fixture = tmp_path / "products.json"
     fixture.write_text(
-        json.dumps([{"model": "inventory.product", "pk": 50, "fields": {"name": "F", "sku": str(uuid.uuid4()), "updated_at": "2026-01-01T00:00:00Z"}}])
+        json.dumps(
+            [
+                {
+                    "model": "inventory.product",
+                    "pk": 50,
+                    "fields": {"name": "F", "sku": str(uuid.uuid4()), "updated_at": "2026-01-01T00:00:00Z"},
+                }
+            ]
+        )
     )
     with capture_events() as events:
         call_command("loaddata", str(fixture), verbosity=0)
@@ -162,7 +172,10 @@ def test_correlation_id_from_request_header_and_generated(captured_events: Captu
     client.get("/admin/", HTTP_X_REQUEST_ID="bad id with spaces")
     captured_events.wait_for(2)
     product_events = [e for e in captured_events if e.topic == "inventory:product"]
-    assert [(e.type.value, e.correlation_id) for e in product_events] == [("created", "req-123"), ("deleted", "corr-9")]
+    assert [(e.type.value, e.correlation_id) for e in product_events] == [
+        ("created", "req-123"),
+        ("deleted", "corr-9"),
+    ]
     assert product_events[0].payload["fields"]["price"] == "3.50"
 
 
@@ -230,7 +243,9 @@ async def test_apublish_from_async_code(captured_events: CapturedEvents) -> None
     from django.db import close_old_connections
 
     try:
-        event = await django_eventbus.apublish("async:t", django_eventbus.make_event("async:t", "custom", {"a": 1}))
+        event = await django_eventbus.apublish(
+            "async:t", django_eventbus.make_event("async:t", "custom", {"a": 1})
+        )
         await asyncio.to_thread(captured_events.wait_for, 1)
         assert captured_events[0].event_id == event.event_id
         assert await StoredEvent.objects.filter(event_id=event.event_id).aexists()
@@ -240,7 +255,9 @@ async def test_apublish_from_async_code(captured_events: CapturedEvents) -> None
         close_old_connections()
 
 
-def test_third_party_model_from_settings_never_emits_password(settings: Any, captured_events: CapturedEvents) -> None:
+def test_third_party_model_from_settings_never_emits_password(
+    settings: Any, captured_events: CapturedEvents
+) -> None:
     settings.EVENTBUS = {**settings.EVENTBUS, "MODELS": {"auth.User": {"topic": "accounts:user"}}}
     User.objects.create_user("bob", "b@example.com", "secret-pw")
     captured_events.wait_for(1)
@@ -271,7 +288,9 @@ def test_track_decorator_registers_a_model(settings: Any) -> None:
 
 
 @pytest.mark.parametrize("bus", BUSES)
-def test_every_field_type_round_trips_through_a_real_bus(bus: str, use_bus: Any, tmp_path: Any, settings: Any) -> None:
+def test_every_field_type_round_trips_through_a_real_bus(
+    bus: str, use_bus: Any, tmp_path: Any, settings: Any
+) -> None:
     use_bus(bus)
     settings.MEDIA_ROOT = str(tmp_path)
     product = Product.objects.create(name="p")
@@ -302,7 +321,9 @@ def test_every_field_type_round_trips_through_a_real_bus(bus: str, use_bus: Any,
         field = Shipment._meta.get_field(name)
         assert field.to_python(fields[name]) == value, name  # parses back to the very value
     # naive datetimes (USE_TZ off code paths) survive too
-    assert Shipment._meta.get_field("shipped_at").to_python("2026-03-04T05:06:07") == dt.datetime(2026, 3, 4, 5, 6, 7)
+    assert Shipment._meta.get_field("shipped_at").to_python("2026-03-04T05:06:07") == dt.datetime(
+        2026, 3, 4, 5, 6, 7
+    )
 
 
 @pytest.mark.parametrize("bus", ["redis", "postgres", PG_DJANGO])

@@ -22,7 +22,7 @@ import pytest
 from django_eventbus.events import Event, EventType, create_event_bus
 from tests.services import require_postgres, require_redis
 
-QUICK_START = '''
+QUICK_START = """
 import asyncio
 from django_eventbus.events import create_event_bus, Event, EventType
 async def main():
@@ -47,13 +47,16 @@ async def main():
     await bus.close()
 if __name__ == "__main__":
     asyncio.run(main())
-'''
+"""
 
 
 def run_sample(source: str, namespace: dict[str, Any] | None = None) -> str:
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        exec(compile(textwrap.dedent(source), "<seed sample>", "exec"), namespace if namespace is not None else {})
+        exec(
+            compile(textwrap.dedent(source), "<seed sample>", "exec"),
+            namespace if namespace is not None else {},
+        )
     return out.getvalue()
 
 
@@ -147,7 +150,9 @@ async def test_multiple_subscribers_sample() -> None:
     await namespace["setup"]()
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        await bus.publish("registry:bots", Event(type=EventType.UPDATED, topic="registry:bots", payload={"a": 1}))
+        await bus.publish(
+            "registry:bots", Event(type=EventType.UPDATED, topic="registry:bots", payload={"a": 1})
+        )
     assert out.getvalue() == "LOG: updated - {'a': 1}\n"
     await bus.close()
 
@@ -285,6 +290,7 @@ def test_protocol_has_the_reference_methods() -> None:
 
 
 # The guide's "Testing" section, as written (a fixture and a test).
+# fmt: off
 @pytest.fixture
 async def event_bus():  # type: ignore[no-untyped-def]
     bus = create_event_bus({"backend": "memory"})
@@ -307,6 +313,7 @@ async def test_publish_subscribe(event_bus):  # type: ignore[no-untyped-def]
     ))
     assert len(received) == 1
     assert received[0].payload["key"] == "value"
+# fmt: on
 
 
 async def test_redis_seed_config_keys_reach_a_real_server() -> None:

@@ -169,7 +169,9 @@ class BaseEventBus:
             raise ValueError("topic must be a non-empty string")
         subscription = Subscription(topic=topic, pattern=pattern, _on_cancel=self._cancel)
         delivery = Delivery(subscription, handler, self.stats, self.queue_size)
-        is_new = not (self._table.has_pattern(pattern) if pattern is not None else self._table.has_topic(topic))
+        is_new = not (
+            self._table.has_pattern(pattern) if pattern is not None else self._table.has_topic(topic)
+        )
         self._table.add(delivery)
         if is_new and self._state in (ConnectionState.CONNECTED, ConnectionState.RECONNECTING):
             try:
@@ -186,7 +188,9 @@ class BaseEventBus:
                 await delivery.stop()
                 pattern = subscription.pattern
                 still_used = (
-                    self._table.has_pattern(pattern) if pattern is not None else self._table.has_topic(subscription.topic)
+                    self._table.has_pattern(pattern)
+                    if pattern is not None
+                    else self._table.has_topic(subscription.topic)
                 )
                 if not still_used and self._state is ConnectionState.CONNECTED:
                     await self._unlisten(subscription.topic, pattern)
@@ -224,4 +228,3 @@ class BaseEventBus:
 
     async def _unlisten(self, topic: str, pattern: str | None) -> None:
         """Stop receiving ``topic`` (or ``pattern``) once no subscription needs it."""
-

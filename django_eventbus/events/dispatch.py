@@ -9,6 +9,7 @@ and the bounded per-subscription queues exist once, not once per backend.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import fnmatch
 import functools
@@ -16,6 +17,7 @@ import inspect
 import logging
 import re
 from collections.abc import Callable
+
 from .types import Event, Handler, Subscription
 
 __all__ = ["BusStats", "Delivery", "SubscriptionTable", "call_handler", "topic_matches"]
@@ -134,10 +136,8 @@ class Delivery:
     async def stop(self) -> None:
         if self._worker is not None:
             self._worker.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._worker
-            except asyncio.CancelledError:
-                pass
             self._worker = None
 
 
@@ -201,4 +201,3 @@ class SubscriptionTable:
 
     def __len__(self) -> int:
         return sum(len(v) for v in self._exact.values()) + len(self._patterns)
-

@@ -37,7 +37,7 @@ class FrozenDict(dict[str, Any]):
 
     __slots__ = ()
     __setitem__ = __delitem__ = _immutable
-    clear = pop = popitem = setdefault = update = __ior__ = _immutable  # type: ignore[assignment]
+    clear = pop = popitem = setdefault = update = __ior__ = _immutable
 
     def __copy__(self) -> FrozenDict:
         return self
@@ -53,8 +53,8 @@ class FrozenList(list[Any]):
     """A ``list`` that refuses mutation (compares equal to plain lists, unlike a tuple)."""
 
     __slots__ = ()
-    __setitem__ = __delitem__ = __iadd__ = __imul__ = _immutable  # type: ignore[assignment]
-    append = extend = insert = pop = remove = clear = sort = reverse = _immutable  # type: ignore[assignment]
+    __setitem__ = __delitem__ = __iadd__ = __imul__ = _immutable
+    append = extend = insert = pop = remove = clear = sort = reverse = _immutable
 
     def __copy__(self) -> FrozenList:
         return self
@@ -131,9 +131,12 @@ class Event:
 
     def __post_init__(self) -> None:
         # object.__setattr__ is the documented way to normalise fields of a frozen dataclass.
-        if not isinstance(self.type, EventType):
-            object.__setattr__(self, "type", EventType(self.type))
-        if not isinstance(self.topic, str) or not self.topic:
+        # Annotations do not stop a caller passing "created" or a non-string topic: check at runtime.
+        type_: object = self.type
+        if not isinstance(type_, EventType):
+            object.__setattr__(self, "type", EventType(type_))
+        topic: object = self.topic
+        if not isinstance(topic, str) or not topic:
             raise ValueError(f"Event.topic must be a non-empty string, got {self.topic!r}")
         if not isinstance(self.payload, Mapping):
             raise TypeError(f"Event.payload must be a dict, got {type(self.payload).__name__}")
@@ -211,9 +214,7 @@ class Subscription:
     pattern: str | None = None
     subscription_id: str = dataclasses.field(default_factory=_new_id)
     created_at: datetime = dataclasses.field(default_factory=_utcnow)
-    _on_cancel: Callable[[Subscription], Awaitable[None]] | None = dataclasses.field(
-        default=None, repr=False
-    )
+    _on_cancel: Callable[[Subscription], Awaitable[None]] | None = dataclasses.field(default=None, repr=False)
     _cancelled: bool = dataclasses.field(default=False, repr=False)
 
     @property
@@ -227,4 +228,3 @@ class Subscription:
         self._cancelled = True
         if self._on_cancel is not None:
             await self._on_cancel(self)
-

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from decimal import Decimal
+from typing import Any
 
 from django.db import models
 
@@ -53,17 +54,17 @@ class Color:
         return "#{:02x}{:02x}{:02x}".format(*self.rgb)
 
 
-class ColorField(models.CharField):  # type: ignore[type-arg]
+class ColorField(models.CharField):  # type: ignore[type-arg]  # Field is not subscriptable at runtime
     """A custom field: events carry it through ``value_to_string``, as dumpdata does."""
 
-    def __init__(self, *args: object, **kwargs: object) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("max_length", 7)
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        super().__init__(*args, **kwargs)
 
     def from_db_value(self, value: str | None, expression: object, connection: object) -> Color | None:
         return self.to_python(value)
 
-    def to_python(self, value: object) -> Color | None:  # type: ignore[override]
+    def to_python(self, value: object) -> Color | None:
         if value is None or isinstance(value, Color):
             return value
         text = str(value).lstrip("#")
@@ -72,8 +73,8 @@ class ColorField(models.CharField):  # type: ignore[type-arg]
     def get_prep_value(self, value: object) -> str | None:
         return None if value is None else str(self.to_python(value))
 
-    def value_to_string(self, obj: object) -> str:
-        value = self.value_from_object(obj)  # type: ignore[arg-type]
+    def value_to_string(self, obj: models.Model) -> str:
+        value = self.value_from_object(obj)
         return "" if value is None else str(value)
 
 
