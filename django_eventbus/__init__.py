@@ -19,6 +19,8 @@ _LAZY = {
     "get_bus": "django_eventbus.runtime",
     "aget_bus": "django_eventbus.runtime",
     "correlation": "django_eventbus.context",
+    "consumer": "django_eventbus.consumers",
+    "celery_route": "django_eventbus.consumers",
     "Event": "django_eventbus.events",
     "EventType": "django_eventbus.events",
 }
@@ -28,6 +30,8 @@ __all__ = [
     "EventType",
     "aget_bus",
     "apublish",
+    "celery_route",
+    "consumer",
     "correlation",
     "emit_model_events",
     "get_bus",
@@ -37,6 +41,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from .consumers import celery_route, consumer
     from .context import correlation
     from .events import Event, EventType
     from .publishing import apublish, make_event, publish

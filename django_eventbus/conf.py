@@ -26,6 +26,9 @@ DEFAULTS: dict[str, Any] = {
     "EMIT_RAW": False,
     "CONSUMERS_MODULE": "event_consumers",
     "PUBLISH_TIMEOUT": 10.0,
+    "CATCHUP_INTERVAL": 2.0,
+    "GAP_TIMEOUT": 30.0,
+    "CELERY_ROUTES": {},
 }
 
 MODEL_DEFAULTS: dict[str, Any] = {

@@ -66,3 +66,44 @@ class StoredEvent(models.Model):
             metadata=dict(event.metadata),
             **kwargs,
         )
+
+
+class ConsumerCursor(models.Model):
+    """How far a durable consumer got in the log.
+
+    Every log row with ``id <= position`` was handled (or did not match). Events
+    handled above it (live, before catch-up reached them) are in ``handled``, so
+    a restart never handles them twice.
+    """
+
+    name = models.CharField(max_length=255, primary_key=True)
+    position = models.BigIntegerField(default=0)
+    handled = models.JSONField(default=list, blank=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        db_table = "django_eventbus_cursor"
+        verbose_name = "consumer cursor"
+
+    def __str__(self) -> str:
+        return f"{self.name} @ {self.position}"
+
+
+class DeadLetter(models.Model):
+    """An event a consumer failed to handle after all its retries."""
+
+    consumer = models.CharField(max_length=255, db_index=True)
+    event_id = models.CharField(max_length=64, db_index=True)
+    topic = models.CharField(max_length=1024)
+    event = models.JSONField()
+    error = models.TextField()
+    attempts = models.PositiveIntegerField()
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+
+    class Meta:
+        db_table = "django_eventbus_deadletter"
+        ordering = ["-id"]
+        verbose_name = "dead letter"
+
+    def __str__(self) -> str:
+        return f"{self.consumer}: {self.event_id}"

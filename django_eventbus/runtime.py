@@ -15,6 +15,7 @@ setting changes (``setting_changed``), like channels' layer manager.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
 import logging
 import threading
@@ -35,6 +36,9 @@ logger = logging.getLogger("django_eventbus")
 
 T = TypeVar("T")
 
+#: Publishes in flight after which sync publishers wait for the transport.
+MAX_PENDING = 10_000
+
 
 class BusRunner:
     """One connected bus on a private event loop thread."""
@@ -44,6 +48,8 @@ class BusRunner:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run, name="django-eventbus", daemon=True)
         self._bus: BaseEventBus | None = None
+        self._listener: Any = None
+        self._connecting: asyncio.Lock | None = None
         self._started = threading.Event()
         self._closed = False
         self._pending: set[concurrent.futures.Future[Any]] = set()
@@ -68,11 +74,26 @@ class BusRunner:
         return threading.current_thread() is self._thread
 
     async def _ensure_bus(self) -> BaseEventBus:
+        if self._bus is not None:
+            return self._bus
+        if self._connecting is None:
+            self._connecting = asyncio.Lock()
+        async with self._connecting:  # two first calls must not build two buses
+            return await self._build_bus()
+
+    async def _build_bus(self) -> BaseEventBus:
         if self._bus is None:
-            bus = create_event_bus(self.config)
+            bus: BaseEventBus = create_event_bus(self.config)  # type: ignore[assignment]
             await bus.connect()
-            self._bus = bus  # type: ignore[assignment]
-        assert self._bus is not None
+            self._bus = bus
+            if bus.backend_name == "memory":
+                # Development: no listener process sees a memory bus, so the registered
+                # consumers (and the Channels forwarder) run here, on this loop.
+                from .consumers import get_consumers
+                from .listener import Listener
+
+                self._listener = Listener(bus, get_consumers(), catch_up=False)
+                await self._listener.start()
         return self._bus
 
     # -- running coroutines on the bus loop ----------------------------------
@@ -119,13 +140,19 @@ class BusRunner:
         assert self._bus is not None
         return self._bus
 
-    def publish_many(self, events: list[Event], wait: bool = True) -> None:
-        """Publish from sync code. Waits for the transport unless ``wait`` is false or that could deadlock."""
+    def publish_many(self, events: list[Event], wait: bool = False) -> None:
+        """Publish from sync code without waiting for the transport (unless ``wait``).
+
+        The caller's commit is done; waiting for a network round trip would only slow
+        the request. Failures are logged (the event log has the events). When more
+        than ``MAX_PENDING`` publishes are in flight the caller waits, so a slow or
+        dead transport pushes back instead of growing memory without bound.
+        """
         future = self.submit(lambda bus: bus.publish_many(events))
-        if wait and not self.in_runner_thread() and not _loop_running_here():
-            future.result(conf.PUBLISH_TIMEOUT)
-        else:
-            future.add_done_callback(_log_failure(events))
+        future.add_done_callback(_log_failure(events))
+        can_block = not self.in_runner_thread() and not _loop_running_here()
+        if can_block and (wait or len(self._pending) > MAX_PENDING):
+            concurrent.futures.wait([future], conf.PUBLISH_TIMEOUT)
 
     def flush(self, timeout: float = 10.0) -> None:
         """Wait until everything submitted so far has finished (tests, shutdown)."""
@@ -140,6 +167,8 @@ class BusRunner:
         self._closed = True
 
         async def shutdown() -> None:
+            if self._listener is not None:
+                await self._listener.stop(timeout)
             if self._bus is not None:
                 await self._bus.close()
 
@@ -190,7 +219,21 @@ def get_runner() -> BusRunner:
         with _runner_lock:
             if _runner is None:
                 _runner = BusRunner(conf.bus_config())
+                if not _atexit_registered:
+                    _register_atexit()
     return _runner
+
+
+_atexit_registered = False
+
+
+def _register_atexit() -> None:
+    # Publishing after commit is asynchronous: a short-lived process (a management
+    # command, a script) must not exit with events still on their way. atexit runs
+    # while the daemon runner thread is still alive.
+    global _atexit_registered
+    _atexit_registered = True
+    atexit.register(reset_runner)
 
 
 def reset_runner() -> None:

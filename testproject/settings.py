@@ -111,3 +111,8 @@ LOGGING = {
         "django_eventbus": {"handlers": ["console"], "level": os.environ.get("EVENTBUS_LOG", "INFO")}
     },
 }
+
+# Celery (the testproject routes events to a task in the tests; broker: the local Redis).
+CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL", "redis://127.0.0.1:6379/2")
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True

@@ -4,33 +4,51 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     initial = True
 
-    dependencies = [
-    ]
+    dependencies = []
 
     operations = [
         migrations.CreateModel(
-            name='StoredEvent',
+            name="StoredEvent",
             fields=[
-                ('id', models.BigAutoField(primary_key=True, serialize=False)),
-                ('event_id', models.CharField(max_length=64, unique=True)),
-                ('type', models.CharField(choices=[('created', 'Created'), ('updated', 'Updated'), ('deleted', 'Deleted'), ('activated', 'Activated'), ('deactivated', 'Deactivated'), ('error', 'Error'), ('custom', 'Custom')], max_length=16)),
-                ('topic', models.CharField(max_length=1024)),
-                ('payload', models.JSONField(default=dict)),
-                ('timestamp', models.DateTimeField()),
-                ('source', models.CharField(blank=True, max_length=255, null=True)),
-                ('correlation_id', models.CharField(blank=True, max_length=255, null=True)),
-                ('metadata', models.JSONField(default=dict)),
+                ("id", models.BigAutoField(primary_key=True, serialize=False)),
+                ("event_id", models.CharField(max_length=64, unique=True)),
+                (
+                    "type",
+                    models.CharField(
+                        choices=[
+                            ("created", "Created"),
+                            ("updated", "Updated"),
+                            ("deleted", "Deleted"),
+                            ("activated", "Activated"),
+                            ("deactivated", "Deactivated"),
+                            ("error", "Error"),
+                            ("custom", "Custom"),
+                        ],
+                        max_length=16,
+                    ),
+                ),
+                ("topic", models.CharField(max_length=1024)),
+                ("payload", models.JSONField(default=dict)),
+                ("timestamp", models.DateTimeField()),
+                ("source", models.CharField(blank=True, max_length=255, null=True)),
+                ("correlation_id", models.CharField(blank=True, max_length=255, null=True)),
+                ("metadata", models.JSONField(default=dict)),
             ],
             options={
-                'verbose_name': 'event',
-                'verbose_name_plural': 'events',
-                'db_table': 'django_eventbus_event',
-                'ordering': ['-id'],
-                'permissions': [('republish_storedevent', 'Can re-publish events')],
-                'indexes': [models.Index(fields=['topic', 'id'], name='eventbus_topic_id'), models.Index(fields=['timestamp'], name='eventbus_timestamp'), models.Index(fields=['correlation_id'], name='eventbus_correlation'), models.Index(fields=['source', 'id'], name='eventbus_source_id'), models.Index(fields=['type', 'id'], name='eventbus_type_id')],
+                "verbose_name": "event",
+                "verbose_name_plural": "events",
+                "db_table": "django_eventbus_event",
+                "ordering": ["-id"],
+                "permissions": [("republish_storedevent", "Can re-publish events")],
+                "indexes": [
+                    models.Index(fields=["topic", "id"], name="eventbus_topic_id"),
+                    models.Index(fields=["timestamp"], name="eventbus_timestamp"),
+                    models.Index(fields=["correlation_id"], name="eventbus_correlation"),
+                    models.Index(fields=["source", "id"], name="eventbus_source_id"),
+                    models.Index(fields=["type", "id"], name="eventbus_type_id"),
+                ],
             },
         ),
     ]

@@ -1,0 +1,145 @@
+"""Registered consumers: functions that handle events, by topic or fnmatch pattern.
+
+    from django_eventbus import consumer
+
+    @consumer("inventory:*")
+    async def reindex(event): ...
+
+Modules named ``event_consumers`` (``EVENTBUS["CONSUMERS_MODULE"]``) in every
+installed app are imported in ``ready()``, so decorating is enough. Consumers
+run in ``manage.py eventbus_listen`` (or, with the memory bus, in the web
+process itself). A *durable* consumer (the default) has a cursor in the
+database and catches up from the event log: it handles each committed event
+once even across restarts and lost connections.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from .events.dispatch import topic_matches
+from .events.types import Event
+
+__all__ = ["Consumer", "celery_route", "consumer", "get_consumers", "register", "unregister"]
+
+logger = logging.getLogger("django_eventbus")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+PATTERN_CHARS = frozenset("*?[")
+
+
+@dataclasses.dataclass(frozen=True)
+class Consumer:
+    """A named handler of the events whose topic matches ``pattern``."""
+
+    name: str
+    pattern: str
+    func: Callable[[Event], Any]
+    durable: bool = True
+    #: attempts after the first failure before the event goes to the dead letters
+    retries: int = 3
+    #: seconds before the first retry (doubling, with jitter)
+    retry_delay: float = 0.2
+
+    @property
+    def is_async(self) -> bool:
+        return inspect.iscoroutinefunction(self.func)
+
+    @property
+    def is_pattern(self) -> bool:
+        return any(c in PATTERN_CHARS for c in self.pattern)
+
+    def matches(self, topic: str) -> bool:
+        return topic_matches(self.pattern, topic) if self.is_pattern else topic == self.pattern
+
+
+_registry: dict[str, Consumer] = {}
+
+
+def register(item: Consumer) -> Consumer:
+    """Add (or replace, by name) a consumer."""
+    if item.retries < 0:
+        raise ValueError("retries must be >= 0")
+    _registry[item.name] = item
+    return item
+
+
+def unregister(name: str) -> None:
+    _registry.pop(name, None)
+
+
+def get_consumers() -> list[Consumer]:
+    return list(_registry.values())
+
+
+def consumer(
+    pattern: str,
+    *,
+    name: str | None = None,
+    durable: bool = True,
+    retries: int = 3,
+    retry_delay: float = 0.2,
+) -> Callable[[F], F]:
+    """Decorator: run ``func(event)`` (sync or async) for every event on ``pattern``.
+
+    ``pattern`` is a topic (``"inventory:product"``) or an fnmatch pattern
+    (``"inventory:*"``). ``name`` (default: the function's dotted path) keys the
+    durable cursor, so keep it stable across deploys. A raising call is retried
+    ``retries`` times, then recorded as a dead letter (see the admin) and the
+    consumer moves on.
+    """
+
+    def decorate(func: F) -> F:
+        register(
+            Consumer(
+                name=name or f"{func.__module__}.{func.__qualname__}",
+                pattern=pattern,
+                func=func,
+                durable=durable,
+                retries=retries,
+                retry_delay=retry_delay,
+            )
+        )
+        return func
+
+    return decorate
+
+
+def celery_route(pattern: str, task: Any, *, name: str | None = None, **options: Any) -> Consumer:
+    """Send every event on ``pattern`` to a Celery task, as ``task.apply_async((event.to_dict(),))``.
+
+    The consumer is durable, so each committed event is enqueued once (at least once
+    across a crash mid-send); the task runs on Celery workers, with Celery's retries.
+    ``options`` go to ``apply_async`` (queue, countdown…). ``task`` may be a dotted path.
+    """
+    label = task if isinstance(task, str) else getattr(task, "name", repr(task))
+
+    def send(event: Event) -> None:
+        resolved = _resolve_task(task)
+        resolved.apply_async((event.to_dict(),), **options)
+
+    return register(Consumer(name=name or f"celery:{label}", pattern=pattern, func=send, retries=3))
+
+
+def _resolve_task(task: Any) -> Any:
+    if isinstance(task, str):
+        from django.utils.module_loading import import_string
+
+        return import_string(task)
+    return task
+
+
+def register_celery_routes() -> None:
+    """Register ``EVENTBUS["CELERY_ROUTES"]`` (``{"pattern": "dotted.task.path"}``) as consumers."""
+    from .conf import conf
+
+    for name in [n for n, c in _registry.items() if getattr(c.func, "_eventbus_setting_route", False)]:
+        unregister(name)
+    for pattern, task in (conf.get("CELERY_ROUTES") or {}).items():
+        route = celery_route(pattern, task, name=f"celery:{task}:{pattern}")
+        route.func._eventbus_setting_route = True  # type: ignore[attr-defined]

@@ -1,0 +1,113 @@
+"""``manage.py eventbus_listen``: print events live, or run the registered consumers."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from typing import Any
+
+from asgiref.sync import sync_to_async
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from django_eventbus.conf import conf
+from django_eventbus.consumers import Consumer, get_consumers
+from django_eventbus.events import Event, create_event_bus
+from django_eventbus.events.base import BaseEventBus
+from django_eventbus.events.codec import dumps
+from django_eventbus.listener import Listener, position_for_since
+
+
+def format_line(event: Event, width: int = 100) -> str:
+    """One readable line: time, type, topic, id, short payload."""
+    payload = dumps(event.payload)
+    if len(payload) > width:
+        payload = payload[: width - 1] + "…"
+    stamp = event.timestamp.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return f"{stamp} {event.type.value:<11} {event.topic} {event.event_id} {payload}"
+
+
+class Command(BaseCommand):
+    help = (
+        "Listen to the event bus. With TOPIC_OR_PATTERN arguments, print matching events "
+        "(one line each, or --json); without, run the registered consumers."
+    )
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("topics", nargs="*", metavar="TOPIC_OR_PATTERN")
+        parser.add_argument("--json", action="store_true", help="print each event as one JSON line")
+        parser.add_argument(
+            "--consumers",
+            action=argparse.BooleanOptionalAction,
+            default=None,
+            help="run the registered consumers (default: only when no topic is given)",
+        )
+        parser.add_argument("--since", help="first replay the log after this event id or ISO 8601 time")
+        parser.add_argument(
+            "--shutdown-timeout", type=float, default=10.0, help="seconds to let handlers finish"
+        )
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        topics: list[str] = options["topics"]
+        run_consumers = options["consumers"] if options["consumers"] is not None else not topics
+        if not topics and not run_consumers:
+            raise CommandError("nothing to do: give a TOPIC_OR_PATTERN or --consumers")
+        start_after = None
+        if options["since"]:
+            if not conf.STORE_EVENTS:
+                raise CommandError("--since needs the event log (EVENTBUS['STORE_EVENTS'] is off)")
+            try:
+                start_after = position_for_since(options["since"])
+            except ValueError as exc:
+                raise CommandError(str(exc)) from exc
+        if conf.raw_bus_config().get("backend") == "memory":
+            self.stderr.write(
+                "warning: the memory bus only delivers inside one process; this listener sees "
+                "nothing from other processes (use a redis:// or postgres:// bus)"
+            )
+        printers = [
+            Consumer(
+                name=f"eventbus_listen:{t}", pattern=t, func=self._printer(options["json"]), durable=False
+            )
+            for t in topics
+        ]
+        consumers = get_consumers() if run_consumers else []
+        asyncio.run(self._run(printers, consumers, start_after, options["shutdown_timeout"]))
+
+    def _printer(self, as_json: bool) -> Any:
+        out = sys.stdout
+
+        def show(event: Event) -> None:
+            out.write((dumps(event.to_dict()) if as_json else format_line(event)) + "\n")
+            out.flush()
+
+        return show
+
+    async def _run(
+        self, printers: list[Consumer], consumers: list[Consumer], start_after: int | None, timeout: float
+    ) -> None:
+        config = await sync_to_async(conf.bus_config)()
+        bus: BaseEventBus = create_event_bus(config)  # type: ignore[assignment]
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await bus.connect()
+        listeners = []
+        try:
+            if printers:
+                listeners.append(Listener(bus, printers, start_after=start_after))
+            if consumers:
+                listeners.append(Listener(bus, consumers))
+            for listener in listeners:
+                await listener.start()
+            names = ", ".join(c.name for c in consumers) or "-"
+            self.stderr.write(f"listening on {bus.backend_name} bus; consumers: {names}")
+            self.stderr.flush()
+            await stop.wait()
+            self.stderr.write("shutting down")
+        finally:
+            for listener in listeners:
+                await listener.stop(timeout)
+            await bus.close()

@@ -1,0 +1,33 @@
+"""The demo's consumers (autodiscovered: every app's ``event_consumers`` module is imported).
+
+``manage.py eventbus_listen`` runs them; with the memory bus they run in the web process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from django_eventbus import consumer
+from django_eventbus.events import Event
+
+logger = logging.getLogger("testproject.inventory")
+
+
+@consumer("inventory:product", name="inventory.low_stock")
+def warn_on_low_stock(event: Event) -> None:
+    """Log products that ran low (a sync consumer may use the ORM)."""
+    stock = event.payload.get("fields", {}).get("stock")
+    if isinstance(stock, int) and stock < 3 and event.type.value != "deleted":
+        logger.warning("product %s is low on stock (%d)", event.payload.get("pk"), stock)
+
+
+if os.environ.get("EVENTBUS_RECORD_TO"):
+    # For the fault tests: append each handled event id to a file, one per line.
+    _path = os.environ["EVENTBUS_RECORD_TO"]
+
+    @consumer("inventory:*", name="inventory.recorder")
+    def record(event: Event) -> None:
+        with open(_path, "a", encoding="utf-8") as file:
+            file.write(f"{event.event_id} {event.payload.get('fields', {}).get('name', '')}\n")
+            file.flush()
