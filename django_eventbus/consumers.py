@@ -45,6 +45,8 @@ class Consumer:
     retries: int = 3
     #: seconds before the first retry (doubling, with jitter)
     retry_delay: float = 0.2
+    #: save the cursor after this many handled events (a crash may repeat up to this many)
+    checkpoint_every: int = 1
 
     @property
     def is_async(self) -> bool:
@@ -65,6 +67,8 @@ def register(item: Consumer) -> Consumer:
     """Add (or replace, by name) a consumer."""
     if item.retries < 0:
         raise ValueError("retries must be >= 0")
+    if item.checkpoint_every < 1:
+        raise ValueError("checkpoint_every must be >= 1")
     _registry[item.name] = item
     return item
 
@@ -84,6 +88,7 @@ def consumer(
     durable: bool = True,
     retries: int = 3,
     retry_delay: float = 0.2,
+    checkpoint_every: int = 1,
 ) -> Callable[[F], F]:
     """Decorator: run ``func(event)`` (sync or async) for every event on ``pattern``.
 
@@ -91,7 +96,8 @@ def consumer(
     (``"inventory:*"``). ``name`` (default: the function's dotted path) keys the
     durable cursor, so keep it stable across deploys. A raising call is retried
     ``retries`` times, then recorded as a dead letter (see the admin) and the
-    consumer moves on.
+    consumer moves on. The cursor is saved after every event; ``checkpoint_every=N``
+    saves it every N events (faster catch-up; a crash may repeat up to N events).
     """
 
     def decorate(func: F) -> F:
@@ -103,6 +109,7 @@ def consumer(
                 durable=durable,
                 retries=retries,
                 retry_delay=retry_delay,
+                checkpoint_every=checkpoint_every,
             )
         )
         return func

@@ -94,8 +94,22 @@ STATIC_ROOT = BASE_DIR / "staticfiles"
 USE_TZ = True
 TIME_ZONE = "UTC"
 
+
+def bus_from_env() -> Any:
+    """EVENTBUS_URL (default memory://), with EVENTBUS_CHANNEL_PREFIX if set.
+
+    ``postgres://`` alone means: PostgreSQL LISTEN/NOTIFY on Django's own database.
+    """
+    from django_eventbus.events.bus import parse_bus_url
+
+    url = os.environ.get("EVENTBUS_URL", "memory://")
+    prefix = os.environ.get("EVENTBUS_CHANNEL_PREFIX")
+    return {**parse_bus_url(url), "channel_prefix": prefix} if prefix else url
+
+
 EVENTBUS: dict[str, Any] = {
-    "BUS": os.environ.get("EVENTBUS_URL", "memory://"),
+    "BUS": bus_from_env(),
+    "CATCHUP_INTERVAL": float(os.environ.get("EVENTBUS_CATCHUP_INTERVAL", "2.0")),
     "MODELS": {
         "inventory.Product": {},
         "inventory.Order": {},
@@ -116,3 +130,31 @@ LOGGING = {
 CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL", "redis://127.0.0.1:6379/2")
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+
+
+def channel_layers_from_env() -> dict[str, Any]:
+    """The Channels layer: in memory by default, channels-redis when ``CHANNEL_LAYER_URL`` is set.
+
+    ``CHANNEL_LAYER_URL=redis://host:port/db`` selects ``RedisPubSubChannelLayer``
+    (recommended, see docs/channels.md); ``CHANNEL_LAYER_BACKEND=core`` selects
+    ``RedisChannelLayer`` instead. ``CHANNEL_LAYER_PREFIX`` (default ``asgi``) keeps
+    separate projects (or test runs) sharing one Redis apart.
+    """
+    url = os.environ.get("CHANNEL_LAYER_URL")
+    if not url:
+        # One process, one server loop: the demo on the memory bus. Capacity above the
+        # default 100, which drops messages to a consumer in a burst without a word.
+        return {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer", "CONFIG": {"capacity": 1000}}}
+    prefix = os.environ.get("CHANNEL_LAYER_PREFIX", "asgi")
+    if os.environ.get("CHANNEL_LAYER_BACKEND", "pubsub") == "core":
+        config: dict[str, Any] = {"hosts": [url], "prefix": prefix, "capacity": 1000}
+        return {"default": {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": config}}
+    return {
+        "default": {
+            "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
+            "CONFIG": {"hosts": [url], "prefix": prefix},
+        }
+    }
+
+
+CHANNEL_LAYERS = channel_layers_from_env()

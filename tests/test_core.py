@@ -151,6 +151,7 @@ def test_factory_accepts_urls_and_dotted_paths() -> None:
     assert parse_bus_url("redis://:pw@h:1/2") == {"backend": "redis", "url": "redis://:pw@h:1/2"}
     assert parse_bus_url("rediss://h") == {"backend": "redis", "url": "rediss://h"}
     assert parse_bus_url("postgres://u@h/db")["backend"] == "postgres"
+    assert parse_bus_url("postgres://") == {"backend": "postgres"}  # Django's own database
     assert parse_bus_url("postgresql://u@h/db") == {
         "backend": "postgres",
         "connection_string": "postgresql://u@h/db",

@@ -60,6 +60,9 @@ def parse_bus_url(url: str) -> dict[str, Any]:
         return {"backend": "memory"}
     if backend == "redis":
         return {"backend": "redis", "url": url}
+    if url.rstrip("/").lower() in ("postgres:", "postgresql:"):
+        # Bare "postgres://": no connection string, so the Django layer uses its own database.
+        return {"backend": "postgres"}
     return {"backend": "postgres", "connection_string": url}
 
 

@@ -11,7 +11,7 @@ from celery import shared_task
 from django_eventbus.events import Event
 
 
-@shared_task(bind=True, max_retries=3, default_retry_delay=0.2)
+@shared_task(bind=True, max_retries=3, default_retry_delay=0.2)  # type: ignore[untyped-decorator]
 def record_event(self: Any, event_data: dict[str, Any]) -> str:
     """Push the event's id to a Redis list (what the tests and the demo look at)."""
     event = Event.from_dict(event_data)
