@@ -24,7 +24,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-os.environ.setdefault("DATABASE_URL", os.environ.get("BENCH_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/eventbus_bench"))
+DEFAULT_DB = "postgres://postgres@127.0.0.1:5432/eventbus_bench"
+os.environ["DATABASE_URL"] = os.environ.get("BENCH_DATABASE_URL", DEFAULT_DB)
 os.environ["DJANGO_SETTINGS_MODULE"] = "testproject.settings"
 
 
@@ -39,7 +40,9 @@ def ensure_database(url: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--creates", type=int, default=3000)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--bus", default="postgres-django", choices=["postgres-django", "redis", "memory"])
@@ -70,7 +73,7 @@ def main() -> None:
     def run(models: dict[str, Any], store: bool) -> float:
         config = {**settings.EVENTBUS, "BUS": bus, "MODELS": models, "STORE_EVENTS": store}
         with override_settings(EVENTBUS=config):
-            get_runner().bus  # connect outside the timed loop
+            get_runner().bus  # noqa: B018 - connect outside the timed loop
             Product.objects.create(name="warm-up")
             start = time.perf_counter()
             for i in range(args.creates):
@@ -83,7 +86,8 @@ def main() -> None:
         return args.creates / elapsed
 
     tracked = {"inventory.Product": {}}
-    results: dict[str, list[float]] = {"untracked": [], "tracked, STORE_EVENTS on": [], "tracked, STORE_EVENTS off": []}
+    names = ["untracked", "tracked, STORE_EVENTS on", "tracked, STORE_EVENTS off"]
+    results: dict[str, list[float]] = {name: [] for name in names}
     for _ in range(args.repeats):
         results["untracked"].append(run({}, True))
         results["tracked, STORE_EVENTS on"].append(run(tracked, True))

@@ -28,7 +28,8 @@ def database_from_url(url: str) -> dict[str, Any]:
         return {
             "ENGINE": "django.db.backends.sqlite3",
             "NAME": name,
-            "TEST": {"NAME": str(BASE_DIR / "test-db.sqlite3")},
+            # DATABASE_TEST_NAME: another file, for test runs side by side in one checkout.
+            "TEST": {"NAME": os.environ.get("DATABASE_TEST_NAME", str(BASE_DIR / "test-db.sqlite3"))},
         }
     if parts.scheme in ("postgres", "postgresql"):
         return {

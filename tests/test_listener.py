@@ -17,10 +17,9 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
-from asgiref.sync import sync_to_async
 from django.db import connection, connections
 
 import django_eventbus
@@ -34,6 +33,7 @@ from tests.services import require_postgres, require_redis
 
 pytestmark = pytest.mark.django_db(transaction=True)
 ROOT = Path(__file__).resolve().parent.parent
+T = TypeVar("T")
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
@@ -50,6 +50,18 @@ async def await_until(condition: Callable[[], bool], timeout: float = 30.0, what
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} not met within {timeout}s")
         await asyncio.sleep(0.02)
+
+
+async def orm(work: Callable[[], T]) -> T:
+    """Run ORM code from an async test, closing the connection it opened."""
+
+    def run() -> T:
+        try:
+            return work()
+        finally:
+            connections.close_all()
+
+    return await asyncio.to_thread(run)
 
 
 @pytest.fixture
@@ -154,7 +166,7 @@ async def test_killed_listener_connection_loses_and_repeats_nothing(bus_kind: st
         writer.cancel()
         await listener.stop()
         await bus.close()
-    logged = await sync_to_async(lambda: set(StoredEvent.objects.values_list("event_id", flat=True)))()
+    logged = await orm(lambda: set(StoredEvent.objects.values_list("event_id", flat=True)))
     assert len(seen) == len(set(seen)) == 2000, "each event exactly once"
     assert set(seen) == logged
     assert bus.stats.reconnects >= 2
@@ -197,7 +209,7 @@ def _drain(stream: Any) -> None:
 def recorded(path: Path) -> list[str]:
     if not path.exists():
         return []
-    return [line.split(" ", 1)[1] for line in path.read_text().splitlines() if " " in line]
+    return [line.split(" ")[1] for line in path.read_text().splitlines() if line.count(" ") == 2]
 
 
 @pytest.mark.parametrize("bus_kind", ["postgres", "redis"], indirect=True)
@@ -319,7 +331,7 @@ async def test_failing_consumer_is_retried_then_dead_lettered_and_others_proceed
         await listener.stop()
         await bus.close()
     assert broken_calls == ["before", "poison", "poison", "poison", "after"]  # 1 + 2 retries, then moved on
-    letters = await sync_to_async(lambda: list(DeadLetter.objects.all()))()
+    letters = await orm(lambda: list(DeadLetter.objects.all()))
     assert [(d.consumer, d.attempts, d.event["payload"]["fields"]["name"]) for d in letters] == [
         (f"t.broken.{suffix}", 3, "poison")
     ]
@@ -327,10 +339,8 @@ async def test_failing_consumer_is_retried_then_dead_lettered_and_others_proceed
     assert any(letters[0].event_id in r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR)
     # the flaky consumer succeeded on its retry: once per event, no dead letter
     assert len(set(flaky_calls)) == 3
-    cursors = await sync_to_async(lambda: {c.name: c.position for c in ConsumerCursor.objects.all()})()
-    last = await sync_to_async(
-        lambda: StoredEvent.objects.order_by("-id").values_list("id", flat=True).first()
-    )()
+    cursors = await orm(lambda: {c.name: c.position for c in ConsumerCursor.objects.all()})
+    last = await orm(lambda: StoredEvent.objects.order_by("-id").values_list("id", flat=True).first())
     assert all(position == last for position in cursors.values())
 
 

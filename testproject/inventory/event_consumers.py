@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 from django_eventbus import consumer
 from django_eventbus.events import Event
@@ -23,11 +24,12 @@ def warn_on_low_stock(event: Event) -> None:
 
 
 if os.environ.get("EVENTBUS_RECORD_TO"):
-    # For the fault tests: append each handled event id to a file, one per line.
+    # For the fault tests and the latency benchmark: append "event_id name unix_time" per event.
     _path = os.environ["EVENTBUS_RECORD_TO"]
 
     @consumer("inventory:*", name="inventory.recorder")
     def record(event: Event) -> None:
         with open(_path, "a", encoding="utf-8") as file:
-            file.write(f"{event.event_id} {event.payload.get('fields', {}).get('name', '')}\n")
+            name = event.payload.get("fields", {}).get("name", "")
+            file.write(f"{event.event_id} {name} {time.time():.6f}\n")
             file.flush()
