@@ -286,7 +286,10 @@ class Listener:
             finally:
                 runner.lock.release()
         # The ORM ran in asgiref's thread-sensitive executor: close that thread's connections.
-        await sync_to_async(connections.close_all)()
+        try:
+            await sync_to_async(connections.close_all)()
+        except RuntimeError:  # at interpreter exit the executors are already shut down
+            pass
 
 
 def _callable(consumer: Consumer) -> Callable[[Event], Any]:

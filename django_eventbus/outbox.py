@@ -69,11 +69,13 @@ def _current_flush(connection: BaseDatabaseWrapper) -> _Flush:
     # Reuse the last callback while we are at the same savepoint level, so a rolled
     # back savepoint discards exactly its own events (Django drops its callbacks) and
     # events keep their order across levels. run_on_commit holds (sids, func, robust).
-    sids = set(connection.savepoint_ids)
+    # ``None`` marks an atomic(savepoint=False) block (Django's deletion collector uses
+    # one): it cannot roll back on its own, so it is the same level as its parent.
+    sids = set(connection.savepoint_ids) - {None}
     pending = connection.run_on_commit
     if pending:
         last_sids, last_func = pending[-1][0], pending[-1][1]
-        if isinstance(last_func, _Flush) and last_sids == sids:
+        if isinstance(last_func, _Flush) and set(last_sids) - {None} == sids:
             return last_func
     flush = _Flush()
     connection.on_commit(flush)

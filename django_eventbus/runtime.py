@@ -50,6 +50,7 @@ class BusRunner:
         self._bus: BaseEventBus | None = None
         self._listener: Any = None
         self._connecting: asyncio.Lock | None = None
+        self._publish_lock: asyncio.Lock | None = None
         self._started = threading.Event()
         self._closed = False
         self._pending: set[concurrent.futures.Future[Any]] = set()
@@ -148,11 +149,19 @@ class BusRunner:
         than ``MAX_PENDING`` publishes are in flight the caller waits, so a slow or
         dead transport pushes back instead of growing memory without bound.
         """
-        future = self.submit(lambda bus: bus.publish_many(events))
+        future = self.submit(lambda bus: self._publish_in_order(bus, events))
         future.add_done_callback(_log_failure(events))
         can_block = not self.in_runner_thread() and not _loop_running_here()
         if can_block and (wait or len(self._pending) > MAX_PENDING):
             concurrent.futures.wait([future], conf.PUBLISH_TIMEOUT)
+
+    async def _publish_in_order(self, bus: BaseEventBus, events: list[Event]) -> None:
+        # Submitted publishes run as concurrent tasks; the lock (FIFO) keeps them in the
+        # order they were submitted, i.e. commit order, even when handlers await.
+        if self._publish_lock is None:
+            self._publish_lock = asyncio.Lock()
+        async with self._publish_lock:
+            await bus.publish_many(events)
 
     def flush(self, timeout: float = 10.0) -> None:
         """Wait until everything submitted so far has finished (tests, shutdown)."""

@@ -103,6 +103,7 @@ def test_topic_must_be_a_string() -> None:
     assert ids(run(MODELS={"inventory.Product": {"topic": ""}})) == ["django_eventbus.E011"]
 
 
+@pytest.mark.django_db  # Django 6's check command also runs the database checks
 def test_manage_py_check_fails_on_bad_settings() -> None:
     with (
         override_settings(EVENTBUS={"BUS": {"backend": "kafka"}}),
