@@ -75,6 +75,7 @@ class Delivery:
         self.stats = stats
         self._queue: asyncio.Queue[Event] | None = asyncio.Queue(queue_size) if queue_size else None
         self._worker: asyncio.Task[None] | None = None
+        self._stopping = False
 
     def matches(self, topic: str) -> bool:
         sub = self.subscription
@@ -100,6 +101,8 @@ class Delivery:
     def offer(self, event: Event) -> None:
         """Queue the event for the worker (must be called on the bus's event loop)."""
         assert self._queue is not None, "offer() needs a queue_size"
+        if self._stopping:
+            return
         if self._worker is None:
             self._worker = asyncio.get_running_loop().create_task(self._work())
         try:
@@ -116,7 +119,7 @@ class Delivery:
 
     async def _work(self) -> None:
         assert self._queue is not None
-        while True:
+        while not self._stopping:
             event = await self._queue.get()
             await self.deliver(event)
             self._queue.task_done()
@@ -134,11 +137,18 @@ class Delivery:
                 )
 
     async def stop(self) -> None:
-        if self._worker is not None:
-            self._worker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._worker
-            self._worker = None
+        worker, self._worker = self._worker, None
+        if worker is None:
+            return
+        self._stopping = True
+        # One cancel() is not enough on Python 3.11: a handler inside asyncio.wait_for
+        # can swallow a cancellation that arrives as its inner future completes, and
+        # the worker would then wait in queue.get() for ever. Cancel until it is done.
+        while not worker.done():
+            worker.cancel()
+            await asyncio.wait({worker}, timeout=1.0)
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            worker.result()
 
 
 class SubscriptionTable:
