@@ -1,5 +1,6 @@
-# Shared setup of scripts/demo and scripts/test (sourced, not run).
-# Creates the virtualenv and installs the project; PYTHON picks the interpreter.
+# Shared setup of scripts/demo and scripts/test (sourced, not run): creates the
+# virtualenv $VENV with $PYTHON and installs the project with $EXTRAS, and
+# $DJANGO_SPEC (e.g. "django>=6") when given.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON=${PYTHON:-python3}
@@ -9,5 +10,4 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 # shellcheck disable=SC1091
 . "$VENV/bin/activate"
-python -m pip install --quiet --upgrade pip >/dev/null 2>&1 || true
-python -m pip install --quiet -e ".[${EXTRAS:-dev}]"
+python -m pip install --quiet --disable-pip-version-check -e ".[${EXTRAS:-dev}]" ${DJANGO_SPEC:+"$DJANGO_SPEC"}
