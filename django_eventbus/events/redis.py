@@ -10,7 +10,8 @@ Two connections per bus:
   and hands events to the subscriptions' bounded queues (it never runs a
   handler), so Redis never sees a slow reader and never cuts us off for
   passing ``client-output-buffer-limit pubsub``;
-* a **publisher** pool, so concurrent publishes never share a connection.
+* **publisher** connections, one per concurrent publish (up to ``max_connections``),
+  so no two publishes ever share a connection.
 
 redis-py's ``PubSub`` is not used: it reconnects and re-subscribes on its own,
 silently, so the application would never learn that events were lost. Here a
@@ -25,14 +26,13 @@ import asyncio
 import collections
 import functools
 import logging
-from collections.abc import Awaitable, Callable
-from typing import Any, NamedTuple, TypeVar
+import sys
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
-import redis.asyncio
 import redis.exceptions
 from redis.asyncio.connection import (
     AbstractConnection,
-    BlockingConnectionPool,
     Connection,
     SSLConnection,
     UnixDomainSocketConnection,
@@ -48,11 +48,15 @@ from .types import Event
 
 __all__ = ["RedisConnectionError", "RedisEventBus", "redis_glob"]
 
+if sys.version_info >= (3, 11):
+    from asyncio import timeout as _timeout
+else:  # redis-py depends on async-timeout on these versions
+    from async_timeout import timeout as _timeout
+
 logger = logging.getLogger("django_eventbus.events")
 
-T = TypeVar("T")
-
-# Keys of a redis URL's query string that configure the pool, not a connection.
+# Keys of a redis URL's query string for redis-py's pool, not a connection: ours has
+# max_connections too; the pool's wait ``timeout`` is publish_timeout here.
 _POOL_OPTIONS = ("max_connections", "timeout")
 # fnmatch metacharacters: a pattern's literal head ends at the first of them.
 _FNMATCH_META = frozenset("*?[")
@@ -101,8 +105,10 @@ class RedisEventBus(BaseEventBus):
 
     * ``url`` -- ``redis://[[user]:password@]host[:port][/db]``, ``rediss://…`` (TLS) or
       ``unix:///path/redis.sock?db=0``. The base of the configuration: the keys below
-      override it when given. Query arguments are redis-py's (``?ssl_cert_reqs=none``,
-      ``?ssl_ca_certs=/path``, ``?client_name=web``, ``?socket_timeout=2``…).
+      override it when given. Query arguments are redis-py's connection options
+      (``?ssl_cert_reqs=none``, ``?ssl_ca_certs=/path``, ``?client_name=web``,
+      ``?socket_connect_timeout=2``…); ``socket_timeout`` and ``health_check_interval``
+      are replaced by the bus's own timeouts below, and ``protocol`` is always 2.
     * ``host`` (``"127.0.0.1"``), ``port`` (``6379``), ``db`` (``0``), ``username``,
       ``password``, ``ssl`` (``False``; ``True`` switches to TLS, ``False`` turns a
       ``rediss://`` URL's TLS off).
@@ -121,8 +127,8 @@ class RedisEventBus(BaseEventBus):
     * ``health_check_interval`` (``30.0`` s, ``0`` disables) -- when the subscriber
       connection was silent this long it is PINGed; no answer within another
       interval counts as a dropped connection (a peer that vanished without a FIN).
-    * ``max_connections`` (``50``) -- size of the publisher pool; more concurrent
-      publishes wait for a free connection.
+    * ``max_connections`` (``50``) -- publishing connections open at most; more
+      concurrent publishes wait for a free one (within ``publish_timeout``).
 
     Patterns use fnmatch syntax (``inventory:*``, ``a?c``, ``[!a]*``): Redis is asked
     for a superset (see :func:`redis_glob`) and the bus filters. An event reaches each
@@ -130,8 +136,9 @@ class RedisEventBus(BaseEventBus):
     both match (Redis then sends this client the message twice, and each copy is
     routed only to the subscriptions that asked for it that way).
 
-    Connection-state callbacks and ``publish`` run on the caller's side; the reader
-    never waits for them.
+    Connection-state callbacks run on the bus's supervisor task, never on the reader:
+    a slow "restored" callback (a catch-up, say) does not hold up delivery, but a slow
+    "lost" callback does delay the reconnect.
     """
 
     backend_name = "redis"
@@ -183,13 +190,19 @@ class RedisEventBus(BaseEventBus):
         if password is not None:
             options["password"] = password
         options.setdefault("socket_connect_timeout", self.connect_timeout)
+        # RESP2: pub/sub messages are plain replies (RESP3 would route them as push messages).
+        options["protocol"] = 2
+        # No per-operation socket timeout (it costs a task per write): the reader waits for
+        # messages as long as it takes (health checks bound that), a publish has one deadline.
+        options["socket_timeout"] = None
+        options.pop("health_check_interval", None)  # our supervisor checks health, not redis-py
         #: The redis-py connection class and keyword arguments every connection is built with.
         self.connection_class = connection_class
         self.connection_kwargs = options
         self.max_connections = int(max_connections or pool_options.get("max_connections") or 50)
 
         self._prefix_bytes = f"{channel_prefix}:".encode()
-        self._client: redis.asyncio.Redis | None = None
+        self._publisher: _Publisher | None = None
         self._conn: AbstractConnection | None = None  # the subscriber connection
         self._reader: asyncio.Task[None] | None = None
         self._supervisor: asyncio.Task[None] | None = None
@@ -213,15 +226,11 @@ class RedisEventBus(BaseEventBus):
     # -- lifecycle -------------------------------------------------------------
 
     async def _connect(self) -> None:
-        pool = BlockingConnectionPool(
-            connection_class=self.connection_class,
-            max_connections=self.max_connections,
-            timeout=self.publish_timeout,
-            **self.connection_kwargs,
-        )
-        self._client = redis.asyncio.Redis.from_pool(pool)
+        self._publisher = _Publisher(self._new_connection, self.max_connections)
         try:
-            await self._client.ping()  # fail now on a wrong address or password, not at first publish
+            async with _timeout(self.connect_timeout):
+                # Fail now on a wrong address or password, not at the first publish.
+                await self._publisher.execute([("PING",)])
             await self._open_subscriber()
         except BaseException as exc:
             await self._close()
@@ -239,17 +248,16 @@ class RedisEventBus(BaseEventBus):
             await asyncio.wait({self._supervisor})
             self._supervisor = None
         await self._drop_subscriber()
-        if self._client is not None:
-            client, self._client = self._client, None
-            await client.aclose()  # from_pool: closing the client closes its pool
+        if self._publisher is not None:
+            publisher, self._publisher = self._publisher, None
+            await publisher.close()
+
+    def _new_connection(self) -> AbstractConnection:
+        return self.connection_class(**self.connection_kwargs)
 
     async def _open_subscriber(self) -> None:
         """Connect the subscriber, start its reader and (re)subscribe to everything the table needs."""
-        kwargs = dict(self.connection_kwargs)
-        kwargs.pop("health_check_interval", None)  # our supervisor checks health, not redis-py
-        # RESP2: pub/sub messages are plain replies (RESP3 would route them as push messages);
-        # no socket timeout: the reader waits for messages as long as it takes (health checks bound it).
-        conn = self.connection_class(**kwargs, protocol=2, socket_timeout=None)
+        conn = self._new_connection()
         try:
             await asyncio.wait_for(conn.connect(), self.connect_timeout)  # type: ignore[no-untyped-call]
         except BaseException:
@@ -308,15 +316,34 @@ class RedisEventBus(BaseEventBus):
                 try:
                     await self._open_subscriber()
                     break
-                except (redis.exceptions.RedisError, OSError, asyncio.TimeoutError) as exc:
+                except Exception as exc:  # whatever it was, giving up would end delivery for good
                     logger.warning(
-                        "redis event bus: reconnecting to %s failed (%s); next try in %.2fs",
+                        "redis event bus: reconnecting to %s failed (%r); next try in %.2fs",
                         self._where(),
                         exc,
                         delay,
                     )
                     await asyncio.sleep(delay)
             await self._set_state(ConnectionState.CONNECTED)
+            await self._unlisten_cancelled()
+
+    async def _unlisten_cancelled(self) -> None:
+        """Drop what was cancelled while reconnecting (the base calls ``_unlisten`` only when connected)."""
+        # Each time the bookkeeping, then the command, with no await in between: a subscribe
+        # made meanwhile finds the name gone and subscribes it again, after this command.
+        channels = [c for c, topic in self._channels.items() if not self._table.has_topic(topic)]
+        for channel in channels:
+            del self._channels[channel]
+        if channels:
+            await self._command("UNSUBSCRIBE", *channels)
+        patterns = self._table.patterns()
+        globs = [glob for glob, users in self._globs.items() if not users & patterns]
+        for users in self._globs.values():
+            users &= patterns
+        for glob in globs:
+            del self._globs[glob]
+        if globs:
+            await self._command("PUNSUBSCRIBE", *(glob.encode() for glob in globs))
 
     async def _watch(self) -> None:
         """Return when the reader ended, i.e. the subscriber connection is gone."""
@@ -363,6 +390,10 @@ class RedisEventBus(BaseEventBus):
                     on_reply(reply)
                 except Exception:  # a bug here must not stop delivery to every subscription
                     logger.exception("redis event bus: could not route %.200r", reply)
+                if not self._reads & 31:
+                    # A burst already buffered is read without ever suspending: let the
+                    # subscriptions' workers run now and then, so small queues keep up.
+                    await asyncio.sleep(0)
         except Exception as exc:
             if self._state is not ConnectionState.CLOSED:
                 logger.warning(
@@ -456,22 +487,24 @@ class RedisEventBus(BaseEventBus):
                 if not waiter.done():
                     waiter.set_result(None)
 
-    async def _command(self, command: str, name: bytes, confirm: bytes | None) -> None:
-        """Send a (un)subscribe command if connected; wait for Redis to confirm a subscribe."""
+    async def _command(self, command: str, *names: bytes, confirm: bytes | None = None) -> None:
+        """Send a (un)subscribe command if connected; wait for Redis to confirm a subscribe of one name."""
         conn = self._conn
         if not self._live or conn is None:
             return  # the reconnect subscribes to what the table holds then
-        waiter = self._expect(confirm, name) if confirm is not None else None
+        waiter = self._expect(confirm, names[-1]) if confirm is not None else None
         try:
-            await conn.send_command(command, name, check_health=False)
+            await conn.send_command(command, *names, check_health=False)
             if waiter is not None:
                 # Confirmed means a publish made after subscribe() returns reaches us.
                 await asyncio.wait_for(asyncio.shield(waiter), self.connect_timeout)
         except (redis.exceptions.RedisError, OSError) as exc:
-            logger.warning("redis event bus: %s %r failed (%s); the reconnect will retry", command, name, exc)
+            logger.warning(
+                "redis event bus: %s %r failed (%s); the reconnect will retry", command, names, exc
+            )
         except asyncio.TimeoutError:
             logger.warning(
-                "redis event bus: %s %r not confirmed in %.1fs", command, name, self.connect_timeout
+                "redis event bus: %s %r not confirmed in %.1fs", command, names, self.connect_timeout
             )
 
     async def _listen(self, topic: str, pattern: str | None) -> None:
@@ -479,20 +512,20 @@ class RedisEventBus(BaseEventBus):
             channel = self._channel(topic)
             if channel not in self._channels:
                 self._channels[channel] = topic
-                await self._command("SUBSCRIBE", channel, b"subscribe")
+                await self._command("SUBSCRIBE", channel, confirm=b"subscribe")
             return
         glob = redis_glob(self.channel_prefix, pattern)
         users = self._globs.setdefault(glob, set())
         first = not users
         users.add(pattern)
         if first:  # two fnmatch patterns with one Redis glob share one PSUBSCRIBE
-            await self._command("PSUBSCRIBE", glob.encode(), b"psubscribe")
+            await self._command("PSUBSCRIBE", glob.encode(), confirm=b"psubscribe")
 
     async def _unlisten(self, topic: str, pattern: str | None) -> None:
         if pattern is None:
             channel = self._channel(topic)
             if self._channels.pop(channel, None) is not None:
-                await self._command("UNSUBSCRIBE", channel, None)
+                await self._command("UNSUBSCRIBE", channel)
             return
         glob = redis_glob(self.channel_prefix, pattern)
         users = self._globs.get(glob)
@@ -501,59 +534,117 @@ class RedisEventBus(BaseEventBus):
         users.discard(pattern)
         if not users:
             del self._globs[glob]
-            await self._command("PUNSUBSCRIBE", glob.encode(), None)
+            await self._command("PUNSUBSCRIBE", glob.encode())
 
     # -- publishing ------------------------------------------------------------
 
     async def _send(self, events: list[Event]) -> None:
-        client = self._client
-        if client is None:
+        publisher = self._publisher
+        if publisher is None:
             raise BusClosedError("the redis event bus is not connected")
         prefix = self.channel_prefix
-        if len(events) == 1:
-            event = events[0]
-            channel, data = f"{prefix}:{event.topic}", dumps_event(event)
-            try:
-                await client.publish(channel, data)
-            except _PERMANENT:
-                raise
-            except _TRANSIENT as exc:
-                await self._retry(exc, lambda c: c.publish(channel, data))
-            return
-        messages = [(f"{prefix}:{event.topic}", dumps_event(event)) for event in events]
-
-        async def publish_all(c: redis.asyncio.Redis) -> None:
-            # Not a transaction: one round trip, in order, and no MULTI/EXEC blocking the server.
-            async with c.pipeline(transaction=False) as pipe:
-                for channel, data in messages:
-                    pipe.publish(channel, data)
-                await pipe.execute()
-
+        commands = [("PUBLISH", f"{prefix}:{event.topic}", dumps_event(event)) for event in events]
+        errors: list[BaseException] = []
         try:
-            await publish_all(client)
+            # One deadline for the whole publish, retries included (cheaper than one per socket operation).
+            async with _timeout(self.publish_timeout):
+                await self._execute(publisher, commands, errors)
+        except asyncio.TimeoutError as exc:
+            cause = errors[-1] if errors else exc
+            raise RedisConnectionError(
+                f"could not publish to Redis at {self._where()} within {self.publish_timeout}s: {cause!r}"
+            ) from cause
+
+    async def _execute(
+        self, publisher: _Publisher, commands: list[tuple[str, str, str]], errors: list[BaseException]
+    ) -> None:
+        try:
+            return await publisher.execute(commands)
         except _PERMANENT:
             raise
         except _TRANSIENT as exc:
-            await self._retry(exc, publish_all)
-
-    async def _retry(self, error: BaseException, attempt: Callable[[redis.asyncio.Redis], Awaitable[T]]) -> T:
-        """Retry a failed publish with backoff until ``publish_timeout``, then raise."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.publish_timeout
-        logger.warning("redis event bus: publish to %s failed (%s); retrying", self._where(), error)
+            errors.append(exc)
+        logger.warning("redis event bus: publish to %s failed (%s); retrying", self._where(), errors[-1])
+        # A retry may publish twice (the failed attempt may have reached Redis): consumers dedup by id.
         for delay in backoff_delays():
-            if loop.time() + delay > deadline:
-                break
             await asyncio.sleep(delay)
-            client = self._client
-            if client is None or self._state is ConnectionState.CLOSED:
-                raise BusClosedError("the redis event bus was closed while publishing") from error
+            if self._publisher is not publisher:
+                raise BusClosedError("the redis event bus was closed while publishing") from errors[-1]
             try:
-                return await attempt(client)
+                return await publisher.execute(commands)
             except _PERMANENT:
                 raise
             except _TRANSIENT as exc:
-                error = exc
-        raise RedisConnectionError(
-            f"could not publish to Redis at {self._where()} within {self.publish_timeout}s: {error}"
-        ) from error
+                errors.append(exc)
+        raise AssertionError("unreachable: backoff_delays() is endless")
+
+
+class _Publisher:
+    """The publishing connections: each runs one publish (or one pipeline) at a time.
+
+    redis-py's client and pool cost ~3x the loopback round trip of a PUBLISH here
+    (a task per socket write for ``socket_timeout``, pool locks, observability hooks);
+    a free list of plain connections does the same job. No per-operation timeouts:
+    the bus puts one deadline around the whole publish.
+    """
+
+    def __init__(self, factory: Callable[[], AbstractConnection], max_connections: int) -> None:
+        self._factory = factory
+        self._idle: list[AbstractConnection] = []
+        self._open: set[AbstractConnection] = set()
+        self._slots = asyncio.Semaphore(max_connections)
+        self._closed = False
+
+    async def execute(self, commands: list[tuple[str, str, str]] | list[tuple[str]]) -> None:
+        """Send the commands in one write and read every reply; the first error reply is raised."""
+        async with self._slots:
+            if self._closed:  # a publish that waited for a slot while the bus closed
+                raise redis.exceptions.ConnectionError("the publisher is closed")
+            while self._idle:
+                try:
+                    return await self._run(self._idle.pop(), commands)
+                except (redis.exceptions.ConnectionError, OSError):
+                    # Most likely the server closed this idle connection (CLIENT KILL, its idle
+                    # `timeout`, a restart): the command never ran. Go on with the next one.
+                    continue
+            conn = self._factory()
+            self._open.add(conn)
+            try:
+                await conn.connect()  # type: ignore[no-untyped-call]
+            except BaseException:
+                self._open.discard(conn)
+                await conn.disconnect(nowait=True)
+                raise
+            return await self._run(conn, commands)
+
+    async def _run(
+        self, conn: AbstractConnection, commands: list[tuple[str, str, str]] | list[tuple[str]]
+    ) -> None:
+        error: redis.exceptions.ResponseError | None = None
+        try:
+            if len(commands) == 1:
+                await conn.send_packed_command(conn.pack_command(*commands[0]), check_health=False)
+            else:
+                await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
+            for _ in commands:
+                try:
+                    await conn.read_response()
+                except redis.exceptions.ResponseError as exc:  # an error reply: the connection is in step
+                    error = error or exc
+        except BaseException:
+            # Replies may be left unread or the socket is broken: never reuse this connection.
+            self._open.discard(conn)
+            await conn.disconnect(nowait=True)
+            raise
+        if self._closed:
+            await conn.disconnect(nowait=True)
+        else:
+            self._idle.append(conn)
+        if error is not None:
+            raise error
+
+    async def close(self) -> None:
+        self._closed = True
+        conns, self._open, self._idle = self._open, set(), []
+        for conn in conns:
+            await conn.disconnect(nowait=True)
