@@ -336,6 +336,13 @@ def _last_id() -> int:
                 cursor.execute(f"SELECT last_value, is_called FROM {sequence}")
                 value, called = cursor.fetchone()
                 last = max(last, value if called else value - 1)
+    elif connection.vendor == "sqlite":
+        # AUTOINCREMENT keeps the last id handed out in sqlite_sequence.
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT seq FROM sqlite_sequence WHERE name = %s", [StoredEvent._meta.db_table])
+            row = cursor.fetchone()
+            if row is not None:
+                last = max(last, row[0])
     return int(last)
 
 

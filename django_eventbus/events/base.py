@@ -46,6 +46,7 @@ class BaseEventBus:
         self._state = ConnectionState.NEW
         self._on_lost: list[StateCallback] = []
         self._on_restored: list[StateCallback] = []
+        self._listening: dict[tuple[str, str], asyncio.Future[None]] = {}
 
     # -- state -------------------------------------------------------------
 
@@ -169,16 +170,26 @@ class BaseEventBus:
             raise ValueError("topic must be a non-empty string")
         subscription = Subscription(topic=topic, pattern=pattern, _on_cancel=self._cancel)
         delivery = Delivery(subscription, handler, self.stats, self.queue_size)
+        key = ("pattern", pattern) if pattern is not None else ("topic", topic)
         is_new = not (
             self._table.has_pattern(pattern) if pattern is not None else self._table.has_topic(topic)
         )
         self._table.add(delivery)
-        if is_new and self._state in (ConnectionState.CONNECTED, ConnectionState.RECONNECTING):
-            try:
-                await self._listen(topic, pattern)
-            except BaseException:
-                self._table.remove(delivery)
-                raise
+        if self._state in (ConnectionState.CONNECTED, ConnectionState.RECONNECTING):
+            if is_new:
+                # Concurrent subscribers of the same new topic wait for this one LISTEN/
+                # SUBSCRIBE, so none returns before the transport delivers to it.
+                pending = self._listening[key] = asyncio.get_running_loop().create_future()
+                try:
+                    await self._listen(topic, pattern)
+                except BaseException:
+                    self._table.remove(delivery)
+                    raise
+                finally:
+                    del self._listening[key]
+                    pending.set_result(None)
+            elif key in self._listening:
+                await asyncio.shield(self._listening[key])
         return subscription
 
     async def _cancel(self, subscription: Subscription) -> None:

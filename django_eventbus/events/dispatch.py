@@ -16,6 +16,7 @@ import functools
 import inspect
 import logging
 import re
+import time
 from collections.abc import Callable
 
 from .types import Event, Handler, Subscription
@@ -76,6 +77,8 @@ class Delivery:
         self._queue: asyncio.Queue[Event] | None = asyncio.Queue(queue_size) if queue_size else None
         self._worker: asyncio.Task[None] | None = None
         self._stopping = False
+        self._dropped = 0
+        self._warned_at = -1.0
 
     def matches(self, topic: str) -> bool:
         sub = self.subscription
@@ -109,13 +112,21 @@ class Delivery:
             self._queue.put_nowait(event)
         except asyncio.QueueFull:
             self.stats.dropped += 1
-            logger.warning(
-                "event bus queue of subscription %s (%s) is full (%d): dropped event %s",
-                self.subscription.subscription_id,
-                self.subscription.pattern or self.subscription.topic,
-                self._queue.maxsize,
-                event.event_id,
-            )
+            self._dropped += 1
+            now = time.monotonic()
+            # One warning a second at most: a burst would otherwise log thousands of lines
+            # from the transport's reader, slowing down the very thing that overflowed.
+            if now - self._warned_at >= 1.0:
+                self._warned_at = now
+                logger.warning(
+                    "event bus queue of subscription %s (%s) is full (%d): dropped event %s "
+                    "(%d dropped by this subscription so far)",
+                    self.subscription.subscription_id,
+                    self.subscription.pattern or self.subscription.topic,
+                    self._queue.maxsize,
+                    event.event_id,
+                    self._dropped,
+                )
 
     async def _work(self) -> None:
         assert self._queue is not None

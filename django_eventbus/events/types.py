@@ -68,37 +68,72 @@ class FrozenList(list[Any]):
 
 def freeze(value: Any) -> Any:
     """Return a deep, read-only copy of JSON-like data (dicts and lists; leaves untouched)."""
-    return _freeze(value, "", [])
+    return _freeze(value, [])
 
 
-def _freeze(value: Any, path: str, problems: list[str]) -> Any:
-    # One walk both copies and checks: what JSON cannot carry faithfully is noted in
-    # ``problems`` (and reported at publish), so publish itself costs no second walk.
-    if isinstance(value, str) or value is None or value is True or value is False:
+_FINITE_LIMIT = float("inf")
+
+
+def _freeze(value: Any, bad: list[bool]) -> Any:
+    # One walk copies; it only *notes* that something is not JSON (exact types first:
+    # this runs for every event received, and ABC isinstance checks are slow). The
+    # message saying what and where is built by _json_problems, only when needed.
+    cls = type(value)
+    if cls is str or cls is int or cls is bool or value is None:
         return value
-    if isinstance(value, int):
+    if cls is dict or cls is FrozenDict:
+        items = []
+        for key, item in value.items():
+            if type(key) is not str:
+                bad.append(True)
+            items.append((key, _freeze(item, bad)))
+        # dict.__init__ bypasses the overridden __setitem__, so this builds the frozen copy.
+        return FrozenDict(items)
+    if cls is list or cls is FrozenList or cls is tuple:
+        return FrozenList([_freeze(item, bad) for item in value])
+    if cls is float:
+        if value != value or value == _FINITE_LIMIT or value == -_FINITE_LIMIT:
+            bad.append(True)
         return value
+    # Subclasses and other mappings/sequences: the general (slower) checks.
+    if isinstance(value, (str, int)):
+        return value
+    if isinstance(value, float):
+        if value != value or value in (_FINITE_LIMIT, -_FINITE_LIMIT):
+            bad.append(True)
+        return value
+    if isinstance(value, Mapping):
+        return _freeze(dict(value), bad)
+    if isinstance(value, (list, tuple)):
+        return _freeze(list(value), bad)
+    bad.append(True)
+    return value
+
+
+def _json_problems(value: Any, path: str, problems: list[str]) -> None:
+    """Say what in ``value`` JSON cannot carry faithfully, and where."""
+    if isinstance(value, (str, int)) or value is None:
+        return
     if isinstance(value, float):
         if value != value or value in (float("inf"), float("-inf")):
             problems.append(f"{path or 'value'} is {value!r}, which is not valid JSON")
-        return value
+        return
     if isinstance(value, Mapping):
-        items = []
         for key, item in value.items():
             if not isinstance(key, str):
                 problems.append(
                     f"{path or 'value'} has the key {key!r} ({type(key).__name__}); JSON keys are strings"
                 )
-            items.append((key, _freeze(item, f"{path}[{key!r}]", problems)))
-        # dict.__init__ bypasses the overridden __setitem__, so this builds the frozen copy.
-        return FrozenDict(items)
+            _json_problems(item, f"{path}[{key!r}]", problems)
+        return
     if isinstance(value, (list, tuple)):
-        return FrozenList(_freeze(item, f"{path}[{i}]", problems) for i, item in enumerate(value))
+        for i, item in enumerate(value):
+            _json_problems(item, f"{path}[{i}]", problems)
+        return
     problems.append(
         f"{path or 'value'} is a {type(value).__name__} ({value!r:.60}), which JSON cannot carry; "
         "convert it first (django_eventbus.events.codec.to_jsonable does the usual types)"
     )
-    return value
 
 
 def _utcnow() -> datetime:
@@ -142,10 +177,14 @@ class Event:
             raise TypeError(f"Event.payload must be a dict, got {type(self.payload).__name__}")
         if not isinstance(self.metadata, Mapping):
             raise TypeError(f"Event.metadata must be a dict, got {type(self.metadata).__name__}")
-        problems: list[str] = []
-        object.__setattr__(self, "payload", _freeze(self.payload, "payload", problems))
-        object.__setattr__(self, "metadata", _freeze(self.metadata, "metadata", problems))
-        if problems:
+        bad: list[bool] = []
+        payload, metadata = self.payload, self.metadata
+        object.__setattr__(self, "payload", _freeze(payload, bad))
+        object.__setattr__(self, "metadata", _freeze(metadata, bad))
+        if bad:
+            problems: list[str] = []
+            _json_problems(payload, "payload", problems)
+            _json_problems(metadata, "metadata", problems)
             object.__setattr__(self, "json_problem", "; ".join(problems[:3]))
         if self.timestamp.tzinfo is None:
             # A naive timestamp is taken as UTC so every event compares and serialises alike.
