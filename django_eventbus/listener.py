@@ -286,10 +286,8 @@ class Listener:
             finally:
                 runner.lock.release()
         # The ORM ran in asgiref's thread-sensitive executor: close that thread's connections.
-        try:
+        with contextlib.suppress(RuntimeError):  # at interpreter exit the executors are shut down
             await sync_to_async(connections.close_all)()
-        except RuntimeError:  # at interpreter exit the executors are already shut down
-            pass
 
 
 def _callable(consumer: Consumer) -> Callable[[Event], Any]:
