@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import collections
 import concurrent.futures
 import logging
 import threading
@@ -50,7 +51,12 @@ class BusRunner:
         self._bus: BaseEventBus | None = None
         self._listener: Any = None
         self._connecting: asyncio.Lock | None = None
-        self._publish_lock: asyncio.Lock | None = None
+        self._outbox: collections.deque[Event] = collections.deque()
+        self._outbox_changed = threading.Condition()
+        self._queued = 0  # events ever put in the outbox
+        self._sent = 0  # events ever taken out and published (or failed)
+        self._draining = False
+        self._tasks: set[asyncio.Task[None]] = set()
         self._started = threading.Event()
         self._closed = False
         self._pending: set[concurrent.futures.Future[Any]] = set()
@@ -145,29 +151,66 @@ class BusRunner:
         """Publish from sync code without waiting for the transport (unless ``wait``).
 
         The caller's commit is done; waiting for a network round trip would only slow
-        the request. Failures are logged (the event log has the events). When more
-        than ``MAX_PENDING`` publishes are in flight the caller waits, so a slow or
-        dead transport pushes back instead of growing memory without bound.
+        the request. Events go to an outbox that one task on the bus loop drains, in
+        order, in batches (one wake-up and one ``publish_many`` for whatever piled up,
+        rather than a task per commit). Failures are logged (the event log has the
+        events). Past ``MAX_PENDING`` queued events the caller waits, so a slow or dead
+        transport pushes back instead of growing memory without bound.
         """
-        future = self.submit(lambda bus: self._publish_in_order(bus, events))
-        future.add_done_callback(_log_failure(events))
-        can_block = not self.in_runner_thread() and not _loop_running_here()
-        if can_block and (wait or len(self._pending) > MAX_PENDING):
-            concurrent.futures.wait([future], conf.PUBLISH_TIMEOUT)
+        if self._closed:
+            raise RuntimeError("the event bus runner was closed")
+        with self._outbox_changed:
+            self._outbox.extend(events)
+            self._queued += len(events)
+            target = self._queued
+            start = not self._draining
+            self._draining = True
+        if start:
+            self._loop.call_soon_threadsafe(self._start_drain)
+        if self.in_runner_thread() or _loop_running_here():
+            return
+        with self._outbox_changed:
+            if wait:
+                self._outbox_changed.wait_for(lambda: self._sent >= target, conf.PUBLISH_TIMEOUT)
+            elif len(self._outbox) > MAX_PENDING:
+                self._outbox_changed.wait_for(lambda: len(self._outbox) <= MAX_PENDING, conf.PUBLISH_TIMEOUT)
 
-    async def _publish_in_order(self, bus: BaseEventBus, events: list[Event]) -> None:
-        # Submitted publishes run as concurrent tasks; the lock (FIFO) keeps them in the
-        # order they were submitted, i.e. commit order, even when handlers await.
-        if self._publish_lock is None:
-            self._publish_lock = asyncio.Lock()
-        async with self._publish_lock:
-            await bus.publish_many(events)
+    def _start_drain(self) -> None:
+        task = self._loop.create_task(self._drain())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _drain(self) -> None:
+        bus = await self._ensure_bus()
+        while True:
+            with self._outbox_changed:
+                batch = list(self._outbox)
+                self._outbox.clear()
+                if not batch:
+                    self._draining = False
+                    self._outbox_changed.notify_all()
+                    return
+            try:
+                await bus.publish_many(batch)
+            except Exception:
+                logger.exception(
+                    "publishing %d event(s) (first %s) failed; the event log has them if STORE_EVENTS is on",
+                    len(batch),
+                    batch[0].event_id,
+                )
+            with self._outbox_changed:
+                self._sent += len(batch)
+                self._outbox_changed.notify_all()
 
     def flush(self, timeout: float = 10.0) -> None:
         """Wait until everything submitted so far has finished (tests, shutdown)."""
         with self._lock:
             pending = list(self._pending)
         concurrent.futures.wait(pending, timeout)
+        if not self.in_runner_thread():
+            with self._outbox_changed:
+                target = self._queued
+                self._outbox_changed.wait_for(lambda: self._sent >= target, timeout)
 
     def close(self, timeout: float = 10.0) -> None:
         if self._closed:
@@ -202,19 +245,6 @@ def _loop_running_here() -> bool:
     except RuntimeError:
         return False
     return True
-
-
-def _log_failure(events: list[Event]) -> Callable[[concurrent.futures.Future[None]], None]:
-    def check(future: concurrent.futures.Future[None]) -> None:
-        if not future.cancelled() and future.exception() is not None:
-            logger.error(
-                "publishing %d event(s) (first %s) failed; they are in the event log if STORE_EVENTS is on",
-                len(events),
-                events[0].event_id if events else "-",
-                exc_info=future.exception(),
-            )
-
-    return check
 
 
 _runner: BusRunner | None = None
