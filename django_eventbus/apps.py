@@ -24,6 +24,9 @@ class EventBusConfig(AppConfig):
         connect_signals()
         register_celery_routes()
         autodiscover_modules(self._consumers_module())
+        from .channels import setup as setup_channels
+
+        setup_channels()
         setting_changed.connect(_on_setting_changed, dispatch_uid="django_eventbus.tracking")
 
     @staticmethod

@@ -148,7 +148,11 @@ def channel_layers_from_env() -> dict[str, Any]:
         return {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer", "CONFIG": {"capacity": 1000}}}
     prefix = os.environ.get("CHANNEL_LAYER_PREFIX", "asgi")
     if os.environ.get("CHANNEL_LAYER_BACKEND", "pubsub") == "core":
-        config: dict[str, Any] = {"hosts": [url], "prefix": prefix, "capacity": 1000}
+        # redis-py 8 defaults to socket_timeout=5 s and 100 connections a pool. RedisChannelLayer
+        # blocks 5 s in BZPOPMIN, so an idle consumer's read times out and the consumer dies;
+        # and 500 sockets closing at once exceed 100 connections. Hence both options.
+        host = {"address": url, "socket_timeout": 10, "max_connections": 10_000}
+        config: dict[str, Any] = {"hosts": [host], "prefix": prefix, "capacity": 1000}
         return {"default": {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": config}}
     return {
         "default": {

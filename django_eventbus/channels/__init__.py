@@ -1,0 +1,94 @@
+"""Events to Channels groups, and through a websocket consumer to browsers.
+
+Wiring: :func:`setup` (called by the app's ``ready()``) registers the non-durable
+consumer ``django_eventbus.channels`` (pattern ``*``) when a channel layer is
+configured (``CHANNEL_LAYERS``) and ``EVENTBUS["CHANNELS"]`` is on (the default).
+Like every consumer it runs in exactly one process: ``manage.py eventbus_listen``,
+or with the memory bus the web process itself. It sends each event, as
+``{"type": "eventbus.event", "event": event.to_dict()}``, to the groups of
+:func:`groups_for_topic` (see :mod:`django_eventbus.channels.groups`).
+
+Receiving events in a consumer of your own::
+
+    from django_eventbus.channels import group_name, subscription_group
+
+    class StockConsumer(AsyncJsonWebsocketConsumer):
+        async def connect(self):
+            await self.channel_layer.group_add(group_name("inventory:product"), self.channel_name)
+            await self.channel_layer.group_add(subscription_group("billing:*"), self.channel_name)
+            await self.accept()
+
+        async def eventbus_event(self, message):   # type "eventbus.event"
+            await self.send_json(message["event"])  # Event.to_dict(); Event.from_dict() rebuilds it
+
+This module imports nothing from Channels: :func:`setup` stays cheap, and works
+(doing nothing) when Channels is not installed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+from django_eventbus.events import Event
+
+from .groups import ALL_GROUP, group_name, groups_for_topic, prefix_group_name, subscription_group
+
+__all__ = [
+    "ALL_GROUP",
+    "CONSUMER_NAME",
+    "MESSAGE_TYPE",
+    "enabled",
+    "group_name",
+    "groups_for_topic",
+    "prefix_group_name",
+    "setup",
+    "subscription_group",
+]
+
+#: Name of the registered forwarding consumer.
+CONSUMER_NAME = "django_eventbus.channels"
+#: The ``type`` of the channel-layer messages (handled by a consumer's ``eventbus_event``).
+MESSAGE_TYPE = "eventbus.event"
+
+
+def enabled() -> bool:
+    """Whether events are forwarded: Channels installed, a layer configured, ``EVENTBUS["CHANNELS"]`` on."""
+    from django.conf import settings
+
+    from django_eventbus.conf import conf
+
+    return (
+        bool(conf.get("CHANNELS"))
+        and bool(getattr(settings, "CHANNEL_LAYERS", None))
+        and importlib.util.find_spec("channels") is not None
+    )
+
+
+async def _forward(event: Event) -> None:
+    # Imported on first use: setup() must not import Channels.
+    from .forwarding import forward
+
+    await forward(event)
+
+
+def setup() -> None:
+    """Register (or unregister) the forwarding consumer and the checks; idempotent."""
+    from django.core import checks
+    from django.core.signals import setting_changed
+
+    from django_eventbus.consumers import Consumer, register, unregister
+
+    from .checks import check_channels
+
+    checks.register(check_channels, checks.Tags.compatibility)
+    setting_changed.connect(_on_setting_changed, dispatch_uid="django_eventbus.channels")
+    if enabled():
+        register(Consumer(name=CONSUMER_NAME, pattern="*", func=_forward, durable=False))
+    else:
+        unregister(CONSUMER_NAME)
+
+
+def _on_setting_changed(setting: str, **kwargs: Any) -> None:
+    if setting in ("EVENTBUS", "CHANNEL_LAYERS"):
+        setup()

@@ -1,0 +1,417 @@
+"""``EventsConsumer``: events to browsers over a websocket, with a small JSON protocol.
+
+Add it to your ASGI routing (``django_eventbus.channels.routing.websocket_urlpatterns``
+serves it at ``ws/events/``), behind ``AuthMiddlewareStack`` (the user decides
+what may be seen) and ``AllowedHostsOriginValidator``.
+
+Client -> server (one JSON object per text frame)::
+
+    {"type": "subscribe", "topic": "inventory:product"}
+    {"type": "subscribe", "topic": "inventory:*", "since": "<event_id>"}
+    {"type": "unsubscribe", "topic": "inventory:*"}
+
+Server -> client::
+
+    {"type": "event", "event": {...}}          # Event.to_dict()
+    {"type": "subscribed", "topic": "inventory:*", "replayed": 3, "last_event_id": "..."}
+    {"type": "unsubscribed", "topic": "inventory:*"}
+    {"type": "error", "code": "forbidden", "message": "...", "topic": "..."}
+
+A ``topic`` with ``*``, ``?`` or ``[`` is an fnmatch pattern. ``since`` replays the
+logged events after that event id (``""``: from the start of the log) that the
+subscription matches and the user may see, *before* the ``subscribed`` frame;
+live events follow it, each event once (deduplicated by id). ``last_event_id``
+is the subscription's position: the last replayed event, or the newest logged
+event when the subscription started (``""``: the log was empty; ``null``: there
+is no event log). Every later event the subscription matches follows the
+``subscribed`` frame, so a client that keeps, per subscription, this id and then
+the id of each event it receives, and resubscribes with it as ``since`` after a
+lost connection, misses nothing. Error codes: ``invalid_json``, ``invalid_message``,
+``unknown_type``, ``missing_topic``, ``invalid_topic``, ``topic_too_long``,
+``invalid_since``, ``frame_too_large``, ``binary_frame``,
+``too_many_subscriptions``, ``forbidden``, ``not_subscribed``, ``since_unknown``
+(the subscription is live, but the events before it cannot be replayed),
+``replay_limit`` (more missed events than ``WEBSOCKET_REPLAY_LIMIT``: the first
+ones were sent; reload the page's data) and ``unavailable`` (no channel layer).
+The socket stays open after every error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import fnmatch
+import json
+import re
+from collections.abc import Iterable
+from typing import Any
+
+from channels.consumer import get_handler_name
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncJsonWebsocketConsumer
+
+from django_eventbus.conf import conf
+from django_eventbus.events import Event
+from django_eventbus.events.codec import dumps
+from django_eventbus.events.dispatch import topic_matches
+from django_eventbus.models import StoredEvent
+
+from .auth import may_see, may_subscribe
+from .forwarding import note_server_loop
+from .groups import is_pattern, literal_head, subscription_group
+
+__all__ = ["EventsConsumer"]
+
+#: Event ids remembered per connection to send each event once (replay vs live,
+#: and an event reaching two of the connection's groups).
+RECENT_IDS = 2048
+#: Authorization decisions cached per connection (per topic).
+ALLOWED_CACHE = 1024
+#: Log rows read per query while replaying.
+REPLAY_BATCH = 500
+#: Longest accepted ``since`` (``StoredEvent.event_id`` is 64 characters).
+MAX_SINCE_LENGTH = 64
+
+# Encoded event frames, shared by the connections of this process: a fan-out to
+# 1,000 sockets encodes the event once. Keyed by event id (ids are unique).
+_frames: dict[str, str] = {}
+_FRAMES_KEPT = 256
+
+
+def _event_frame(event: dict[str, Any]) -> str:
+    event_id = event.get("event_id")
+    frame = _frames.get(event_id) if isinstance(event_id, str) else None
+    if frame is None:
+        frame = dumps({"type": "event", "event": event})
+        if isinstance(event_id, str):
+            if len(_frames) >= _FRAMES_KEPT:
+                _frames.clear()
+            _frames[event_id] = frame
+    return frame
+
+
+class ProtocolError(Exception):
+    """Bad input from the client: answered with an ``error`` frame, the socket stays open."""
+
+    def __init__(self, code: str, message: str, topic: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.topic = topic
+
+
+class _Subscription:
+    __slots__ = ("group", "pattern", "topic")
+
+    def __init__(self, topic: str) -> None:
+        self.topic = topic
+        self.pattern = is_pattern(topic)
+        self.group = subscription_group(topic)
+
+    def matches(self, topic: str) -> bool:
+        return topic_matches(self.topic, topic) if self.pattern else topic == self.topic
+
+
+def _pattern_problem(pattern: str) -> str | None:
+    """Why an fnmatch pattern is malformed, or ``None``."""
+    # fnmatch would quietly read an unclosed "[" as a literal; a client that wrote one
+    # more likely made a mistake, so say so (same scan as fnmatch.translate's).
+    index = pattern.find("[")
+    while index >= 0:
+        start = index + 1
+        if pattern[start : start + 1] == "!":
+            start += 1
+        if pattern[start : start + 1] == "]":
+            start += 1
+        end = pattern.find("]", start)
+        if end < 0:
+            return "an unclosed '[' in the pattern"
+        index = pattern.find("[", end + 1)
+    try:
+        re.compile(fnmatch.translate(pattern))
+    except re.error as exc:
+        return f"the pattern does not compile: {exc}"
+    return None
+
+
+def validate_topic(value: Any) -> str:
+    """The subscription string of a frame, or :class:`ProtocolError`."""
+    if value is None or value == "":
+        raise ProtocolError("missing_topic", "the frame needs a non-empty 'topic'")
+    if not isinstance(value, str):
+        raise ProtocolError("invalid_topic", f"'topic' must be a string, not {type(value).__name__}")
+    limit = int(conf.get("WEBSOCKET_MAX_TOPIC_LENGTH"))
+    if len(value) > limit:
+        raise ProtocolError("topic_too_long", f"a topic or pattern has at most {limit} characters")
+    if not value.isprintable() or value != value.strip():
+        raise ProtocolError(
+            "invalid_topic", "a topic has no control characters and no leading or trailing spaces", value
+        )
+    if is_pattern(value):
+        problem = _pattern_problem(value)
+        if problem is not None:
+            raise ProtocolError("invalid_topic", problem, value)
+    return value
+
+
+class EventsConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]  # channels has no type hints
+    """Websocket consumer of the event protocol (see the module docstring)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.subscriptions: dict[str, _Subscription] = {}
+        self._group_refs: collections.Counter[str] = collections.Counter()
+        self._allowed: collections.OrderedDict[str, bool] = collections.OrderedDict()
+        self._recent: collections.OrderedDict[str, None] = collections.OrderedDict()
+
+    @property
+    def user(self) -> Any:
+        return self.scope.get("user")
+
+    # -- connection ------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        # The forwarder needs this loop to reach an InMemoryChannelLayer (see forwarding).
+        note_server_loop(asyncio.get_running_loop())
+        await self.accept()
+
+    async def disconnect(self, code: int) -> None:
+        if self.channel_layer is not None:
+            for group in list(self._group_refs):
+                await self.channel_layer.group_discard(group, self.channel_name)
+        self._group_refs.clear()
+        self.subscriptions.clear()
+
+    async def dispatch(self, message: dict[str, Any]) -> None:
+        # Channels closes stale database connections before *every* handler: a hop to the
+        # one sync thread per message. This consumer touches the database only through
+        # database_sync_to_async, which does that itself, so the hop is skipped: a fan-out
+        # to 1,000 sockets would otherwise queue 1,000 hops on that thread per event.
+        handler = getattr(self, get_handler_name(message), None)
+        if handler is None:
+            raise ValueError(f"no handler for message type {message.get('type')!r}")
+        await handler(message)
+
+    # -- client frames -----------------------------------------------------------------
+
+    async def receive(
+        self, text_data: str | None = None, bytes_data: bytes | None = None, **kwargs: Any
+    ) -> None:
+        try:
+            if text_data is None:
+                raise ProtocolError("binary_frame", "send JSON in text frames")
+            limit = int(conf.get("WEBSOCKET_MAX_FRAME_BYTES"))
+            # A str has at most as many characters as UTF-8 bytes: encode only when close.
+            if len(text_data) > limit or (len(text_data) * 4 > limit and len(text_data.encode()) > limit):
+                raise ProtocolError("frame_too_large", f"a frame has at most {limit} bytes")
+            try:
+                content = json.loads(text_data)
+            except ValueError as exc:
+                raise ProtocolError("invalid_json", f"the frame is not JSON: {exc}") from None
+            await self.receive_json(content)
+        except ProtocolError as exc:
+            await self.send_error(exc.code, exc.message, exc.topic)
+
+    async def receive_json(self, content: Any, **kwargs: Any) -> None:
+        if not isinstance(content, dict):
+            raise ProtocolError("invalid_message", "a frame is a JSON object with a 'type'")
+        kind = content.get("type")
+        if kind == "subscribe":
+            await self.subscribe(content)
+        elif kind == "unsubscribe":
+            await self.unsubscribe(content)
+        else:
+            raise ProtocolError("unknown_type", f"unknown frame type {kind!r}; use subscribe or unsubscribe")
+
+    async def send_error(self, code: str, message: str, topic: str | None = None) -> None:
+        frame: dict[str, Any] = {"type": "error", "code": code, "message": message}
+        if topic is not None:
+            frame["topic"] = topic
+        await self.send(text_data=dumps(frame))
+
+    # -- subscribe / unsubscribe ---------------------------------------------------------
+
+    async def subscribe(self, content: dict[str, Any]) -> None:
+        topic = validate_topic(content.get("topic"))
+        since = content.get("since")
+        if since is not None and (not isinstance(since, str) or len(since) > MAX_SINCE_LENGTH):
+            raise ProtocolError("invalid_since", "'since' is an event id (a string)", topic)
+        if self.channel_layer is None:
+            raise ProtocolError("unavailable", "no channel layer is configured (CHANNEL_LAYERS)", topic)
+        is_new = topic not in self.subscriptions
+        limit = int(conf.get("WEBSOCKET_MAX_SUBSCRIPTIONS"))
+        if is_new and len(self.subscriptions) >= limit:
+            raise ProtocolError("too_many_subscriptions", f"at most {limit} subscriptions per socket", topic)
+        subscription = _Subscription(topic)
+        # One trip to the database thread: authorization, and where the replay starts --
+        # after ``since``, or after the newest logged event *before* joining the group.
+        # Then every event after that position reaches the socket (replayed, or live once
+        # joined; both copies are sent once), and ``last_event_id`` is a position the
+        # client can resume from without a gap.
+        allowed, start, since_known = await database_sync_to_async(_prepare)(
+            self.user, topic, subscription.pattern, since
+        )
+        if not allowed:
+            authenticated = getattr(self.user, "is_authenticated", False)
+            reason = "you may not see these events" if authenticated else "log in to see these events"
+            raise ProtocolError("forbidden", f"{reason} ({topic})", topic)
+        if not subscription.pattern:
+            self._remember_allowed(topic, True)
+        if not since_known:
+            await self.send_error(
+                "since_unknown",
+                f"event {since!r} is not in the event log (pruned, or the log is off): missed events "
+                "cannot be replayed; reload the data. Live events follow.",
+                topic,
+            )
+        if is_new:
+            self.subscriptions[topic] = subscription
+            if self._group_refs[subscription.group] == 0:
+                await self.channel_layer.group_add(subscription.group, self.channel_name)
+            self._group_refs[subscription.group] += 1
+        replayed = 0
+        last_event_id = None
+        if start is not None:
+            replayed, last_event_id = await self._replay(subscription, *start)
+        await self.send(
+            text_data=dumps(
+                {"type": "subscribed", "topic": topic, "replayed": replayed, "last_event_id": last_event_id}
+            )
+        )
+
+    async def unsubscribe(self, content: dict[str, Any]) -> None:
+        topic = validate_topic(content.get("topic"))
+        subscription = self.subscriptions.pop(topic, None)
+        if subscription is None:
+            raise ProtocolError("not_subscribed", f"not subscribed to {topic!r}", topic)
+        self._group_refs[subscription.group] -= 1
+        if self._group_refs[subscription.group] <= 0:
+            del self._group_refs[subscription.group]
+            if self.channel_layer is not None:
+                await self.channel_layer.group_discard(subscription.group, self.channel_name)
+        await self.send(text_data=dumps({"type": "unsubscribed", "topic": topic}))
+
+    # -- events ---------------------------------------------------------------------------
+
+    async def eventbus_event(self, message: dict[str, Any]) -> None:
+        """A live event from a group (message type ``eventbus.event``)."""
+        event = message.get("event")
+        if not isinstance(event, dict):
+            return
+        topic, event_id = event.get("topic"), event.get("event_id")
+        if not isinstance(topic, str) or not isinstance(event_id, str) or event_id in self._recent:
+            return
+        if not any(s.matches(topic) for s in self.subscriptions.values()):
+            return  # a broader group than this socket wants, or an unsubscribe in flight
+        if not await self._may_see([topic]):
+            return
+        self._remember_sent(event_id)
+        await self.send(text_data=_event_frame(event))
+
+    async def _replay(self, subscription: _Subscription, position: int, position_id: str) -> tuple[int, str]:
+        """Send the logged events after ``position`` that the subscription wants and the user may see.
+
+        Returns how many were sent and the id to resume from (the last one read).
+        """
+        limit = int(conf.get("WEBSOCKET_REPLAY_LIMIT"))
+        events, truncated = await database_sync_to_async(_read_after)(
+            subscription.topic, subscription.pattern, position, limit
+        )
+        allowed = await self._may_see({e.topic for e in events})
+        sent = 0
+        for event in events:
+            if event.event_id in self._recent or event.topic not in allowed:
+                continue
+            self._remember_sent(event.event_id)
+            await self.send(text_data=_event_frame(event.to_dict()))
+            sent += 1
+        if truncated:
+            await self.send_error(
+                "replay_limit",
+                f"more than {limit} events were missed: the first {limit} were sent; reload the data",
+                subscription.topic,
+            )
+        return sent, events[-1].event_id if events else position_id
+
+    # -- bookkeeping -----------------------------------------------------------------------
+
+    async def _may_see(self, topics: Iterable[str]) -> set[str]:
+        """The subset of ``topics`` this user may receive (cached per connection)."""
+        unknown = [t for t in topics if t not in self._allowed]
+        if unknown:
+            decisions = await database_sync_to_async(_decide)(self.user, unknown)
+            for topic, allowed in decisions.items():
+                self._remember_allowed(topic, allowed)
+        return {t for t in topics if self._allowed.get(t, False)}
+
+    def _remember_allowed(self, topic: str, allowed: bool) -> None:
+        self._allowed[topic] = allowed
+        self._allowed.move_to_end(topic)
+        if len(self._allowed) > ALLOWED_CACHE:
+            self._allowed.popitem(last=False)
+
+    def _remember_sent(self, event_id: str) -> None:
+        self._recent[event_id] = None
+        if len(self._recent) > RECENT_IDS:
+            self._recent.popitem(last=False)
+
+    @classmethod
+    async def encode_json(cls, content: Any) -> str:
+        return dumps(content)
+
+
+# -- database access (sync, through database_sync_to_async) -------------------------------------
+
+
+def _decide(user: Any, topics: list[str]) -> dict[str, bool]:
+    return {topic: may_see(user, topic) for topic in topics}
+
+
+def _prepare(
+    user: Any, topic: str, pattern: bool, since: str | None
+) -> tuple[bool, tuple[int, str] | None, bool]:
+    """Whether ``user`` may subscribe, the replay start, and whether ``since`` was found."""
+    if not may_subscribe(user, topic, pattern):
+        return False, None, True
+    start = _start_position(since)
+    if since is not None and start is None:
+        return True, _start_position(None), False
+    return True, start, True
+
+
+def _start_position(since: str | None) -> tuple[int, str] | None:
+    """(log id, event id) to replay after: ``since``'s row, or the newest row when ``since`` is None.
+
+    ``(0, "")`` stands for "before the first event" (``since=""``, or an empty log).
+    ``None`` when ``since`` is not in the log, or there is no log (``STORE_EVENTS`` off).
+    """
+    if not conf.STORE_EVENTS:
+        return None
+    if since == "":
+        return 0, ""
+    rows = StoredEvent.objects.values_list("id", "event_id")
+    if since is None:
+        return rows.order_by("-id").first() or (0, "")
+    return rows.filter(event_id=since).first()
+
+
+def _read_after(topic: str, pattern: bool, position: int, limit: int) -> tuple[list[Event], bool]:
+    """Up to ``limit`` logged events after ``position`` matching the subscription, in log order,
+    and whether there were more."""
+    rows = StoredEvent.objects.order_by("id")
+    if not pattern:
+        rows = rows.filter(topic=topic)
+    elif literal_head(topic):
+        # A superset (LIKE ignores ASCII case on SQLite): topic_matches decides below.
+        rows = rows.filter(topic__startswith=literal_head(topic))
+    events: list[Event] = []
+    while True:
+        batch = list(rows.filter(id__gt=position)[:REPLAY_BATCH])
+        for row in batch:
+            if not pattern or topic_matches(topic, row.topic):
+                if len(events) == limit:
+                    return events, True
+                events.append(row.to_event())
+        if len(batch) < REPLAY_BATCH:
+            return events, False
+        position = batch[-1].id

@@ -1,0 +1,135 @@
+"""Sending events to Channels groups (``group_send``), from whichever loop the forwarder runs on.
+
+:func:`forward` is the handler of the non-durable consumer ``django_eventbus.channels``
+(pattern ``*``), so it runs where consumers run: in ``manage.py eventbus_listen``,
+or with the memory bus on the web process's bus thread. Each event becomes one
+message, sent to every group of :func:`~.groups.groups_for_topic`::
+
+    {"type": "eventbus.event", "event": event.to_dict()}
+
+Event loops
+-----------
+channels-redis layers keep one connection pool per event loop, so calling
+``group_send`` from the forwarder's own loop is safe. ``InMemoryChannelLayer`` is
+not: its queues belong to the ASGI server's loop, and completing their futures
+from another thread corrupts them (a waiting consumer is not woken). So the
+websocket consumer records the server's loop when a client connects
+(:func:`note_server_loop`) and, for an in-memory layer, ``group_send`` is run on
+that loop with ``run_coroutine_threadsafe``. No loop recorded means no websocket
+ever connected in this process: nobody to send to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+from django.conf import settings
+from django.utils.module_loading import import_string
+
+from django_eventbus.conf import conf
+from django_eventbus.events import Event
+
+from . import MESSAGE_TYPE
+from .groups import groups_for_topic
+
+__all__ = ["MESSAGE_TYPE", "event_message", "forward", "note_server_loop", "uses_in_memory_layer"]
+
+logger = logging.getLogger("django_eventbus.channels")
+
+#: How long the forwarder waits for the server loop to run an in-memory ``group_send``.
+BRIDGE_TIMEOUT = 5.0
+
+_server_loop: asyncio.AbstractEventLoop | None = None
+
+
+def note_server_loop(loop: asyncio.AbstractEventLoop) -> None:
+    """Remember the loop of the ASGI server (called by the websocket consumer on connect)."""
+    global _server_loop
+    _server_loop = loop
+
+
+def event_message(event: Event) -> dict[str, Any]:
+    """The channel-layer message of one event."""
+    return {"type": MESSAGE_TYPE, "event": event.to_dict()}
+
+
+def uses_in_memory_layer(alias: str = "default") -> bool:
+    """Whether the channel layer ``alias`` is (a subclass of) ``InMemoryChannelLayer``.
+
+    Read from the setting rather than from the layer instance, so that asking does
+    not create the layer on the wrong thread.
+    """
+    from channels.layers import InMemoryChannelLayer
+
+    config = getattr(settings, "CHANNEL_LAYERS", {}).get(alias)
+    if not config:
+        return False
+    try:
+        backend = import_string(config["BACKEND"])
+    except (ImportError, KeyError):
+        return False  # reported by channels itself when the layer is first used
+    return isinstance(backend, type) and issubclass(backend, InMemoryChannelLayer)
+
+
+async def forward(event: Event, layer: Any = None) -> None:
+    """Send ``event`` to its groups on the channel layer (``layer``, default: the default layer).
+
+    A no-op when ``EVENTBUS["CHANNELS"]`` is off or no channel layer is configured.
+    Raises what the layer raises (the consumer runner logs and retries).
+    """
+    if not conf.get("CHANNELS"):
+        return
+    message = event_message(event)
+    groups = groups_for_topic(event.topic)
+    if layer is None and uses_in_memory_layer():
+        await _forward_in_memory(groups, message)
+        return
+    if layer is None:
+        from channels.layers import get_channel_layer
+
+        layer = get_channel_layer()
+        if layer is None:
+            return
+    await _group_send(layer, groups, message)
+
+
+async def _group_send(layer: Any, groups: Iterable[str], message: dict[str, Any]) -> None:
+    # Concurrently: with channels-redis each group_send is a round trip. The event is
+    # handed to the next call only when all its groups have it, so order is kept per group.
+    await asyncio.gather(*(layer.group_send(group, message) for group in groups))
+
+
+async def _send_on_server_loop(groups: tuple[str, ...], message: dict[str, Any]) -> None:
+    from channels.layers import get_channel_layer
+
+    layer = get_channel_layer()
+    if layer is not None:
+        await _group_send(layer, groups, message)
+
+
+async def _forward_in_memory(groups: tuple[str, ...], message: dict[str, Any]) -> None:
+    loop = _server_loop
+    if loop is None or loop.is_closed() or not loop.is_running():
+        return  # no websocket consumer lives in this process (any more)
+    if loop is asyncio.get_running_loop():
+        await _send_on_server_loop(groups, message)
+        return
+    coroutine = _send_on_server_loop(groups, message)
+    try:
+        future = asyncio.run_coroutine_threadsafe(coroutine, loop)
+    except RuntimeError:  # the loop closed between the check and the call
+        coroutine.close()
+        return
+    try:
+        await asyncio.wait_for(asyncio.wrap_future(future), BRIDGE_TIMEOUT)
+    except asyncio.TimeoutError:
+        # A server loop that does not run for seconds has bigger problems; retrying
+        # would only pile up more work on it.
+        logger.warning(
+            "the ASGI server loop did not take event %s within %.0fs: not forwarded",
+            message["event"]["event_id"],
+            BRIDGE_TIMEOUT,
+        )
