@@ -172,4 +172,45 @@ def check_deploy(
                 id="django_eventbus.W001",
             )
         )
+    warnings += _check_channel_layer()
+    warnings += _check_durable_without_log()
     return warnings
+
+
+def _check_channel_layer() -> list[CheckMessage]:
+    # Websocket delivery goes through the channel layer: without one, the websocket
+    # consumer accepts subscriptions and then never receives an event.
+    if not conf.get("CHANNELS") or not apps.is_installed("channels"):
+        return []
+    if getattr(settings, "CHANNEL_LAYERS", None):
+        return []
+    return [
+        Warning(
+            "Channels is installed and EVENTBUS['CHANNELS'] is on, but CHANNEL_LAYERS is not set: "
+            "events are not forwarded to Channels groups, so websocket clients (and the admin's "
+            '"Follow live") receive nothing.',
+            hint="Set CHANNEL_LAYERS (e.g. channels_redis.pubsub.RedisPubSubChannelLayer), or set "
+            "EVENTBUS['CHANNELS'] = False if you do not deliver events to websockets.",
+            id="django_eventbus.W002",
+        )
+    ]
+
+
+def _check_durable_without_log() -> list[CheckMessage]:
+    if conf.STORE_EVENTS:
+        return []
+    from .consumers import get_consumers
+
+    durable = sorted(c.name for c in get_consumers() if c.durable)
+    if not durable:
+        return []
+    return [
+        Warning(
+            f"EVENTBUS['STORE_EVENTS'] is off, but durable consumers are registered ({', '.join(durable)}): "
+            "without the event log they cannot catch up, so they lose every event published while "
+            "they are down or reconnecting.",
+            hint="Turn STORE_EVENTS on, or declare these consumers with @consumer(..., durable=False) "
+            "if losing events is acceptable.",
+            id="django_eventbus.W003",
+        )
+    ]

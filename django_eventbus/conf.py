@@ -29,6 +29,15 @@ DEFAULTS: dict[str, Any] = {
     "CATCHUP_INTERVAL": 2.0,
     "GAP_TIMEOUT": 30.0,
     "CELERY_ROUTES": {},
+    # The admin's "Follow live" websocket (docs/operations.md); None hides the toggle.
+    "ADMIN_WEBSOCKET_URL": "/ws/events/",
+    # Channels and the websocket consumer (docs/channels.md).
+    "CHANNELS": True,
+    "WEBSOCKET_AUTHORIZE": "django_eventbus.channels.auth.default_authorize",
+    "WEBSOCKET_MAX_SUBSCRIPTIONS": 32,
+    "WEBSOCKET_MAX_TOPIC_LENGTH": 200,
+    "WEBSOCKET_MAX_FRAME_BYTES": 4096,
+    "WEBSOCKET_REPLAY_LIMIT": 1000,
 }
 
 MODEL_DEFAULTS: dict[str, Any] = {
@@ -92,6 +101,11 @@ class EventBusSettings:
     @property
     def PUBLISH_TIMEOUT(self) -> float:
         return float(self.get("PUBLISH_TIMEOUT"))
+
+    @property
+    def ADMIN_WEBSOCKET_URL(self) -> str | None:
+        value = self.get("ADMIN_WEBSOCKET_URL")
+        return str(value) if value else None
 
     def raw_bus_config(self) -> dict[str, Any]:
         """The ``BUS`` setting as a ``create_event_bus`` config dict, as written."""

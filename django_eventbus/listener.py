@@ -108,12 +108,15 @@ class ConsumerRunner:
         async with self.lock:
             if self.seen(event.event_id):
                 return
-            await self._handle(event)
             if not self.persist or self.position is None:
+                await self._handle(event)
                 return
+            log_id = await sync_to_async(_log_id)(event.event_id)
+            if log_id is not None and log_id <= self.position:
+                return  # handled before: a re-published event, or a late copy after catch-up
+            await self._handle(event)
             # Usually the event is the next row of the log: then the position moves and
             # the cursor stays small. Otherwise (a gap before it) its id is remembered.
-            log_id = await sync_to_async(_log_id)(event.event_id)
             if log_id is not None and log_id == self.position + 1:
                 self.position = log_id
             elif log_id is None or log_id > self.position:

@@ -30,7 +30,13 @@ class StoredEvent(models.Model):
         verbose_name = "event"
         verbose_name_plural = "events"
         indexes = [
-            models.Index(fields=["topic", "id"], name="eventbus_topic_id"),
+            # varchar_pattern_ops: also serves the admin's topic-prefix LIKE under a non-C
+            # collation (other databases ignore opclasses).
+            models.Index(
+                fields=["topic", "id"],
+                name="eventbus_topic_id",
+                opclasses=["varchar_pattern_ops", "int8_ops"],
+            ),
             models.Index(fields=["timestamp"], name="eventbus_timestamp"),
             models.Index(fields=["correlation_id"], name="eventbus_correlation"),
             models.Index(fields=["source", "id"], name="eventbus_source_id"),

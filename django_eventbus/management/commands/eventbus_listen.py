@@ -17,6 +17,7 @@ from django_eventbus.events import Event, create_event_bus
 from django_eventbus.events.base import BaseEventBus
 from django_eventbus.events.codec import dumps
 from django_eventbus.listener import Listener, position_for_since
+from django_eventbus.metrics import register_bus
 
 
 def format_line(event: Event, width: int = 100) -> str:
@@ -94,6 +95,7 @@ class Command(BaseCommand):
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await bus.connect()
+        register_bus(bus)  # its counters show in metrics.get_stats() of this process
         listeners = []
         try:
             if printers:
