@@ -8,13 +8,12 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 import redis
-from django.db import connections
 
 from django_eventbus.conf import conf
 from django_eventbus.consumers import celery_route, get_consumers, register_celery_routes, unregister
@@ -22,23 +21,12 @@ from django_eventbus.events import create_event_bus
 from django_eventbus.listener import Listener
 from django_eventbus.models import StoredEvent
 from testproject.inventory.models import Product
+from tests.orm import orm
 from tests.services import require_redis
 
 pytestmark = pytest.mark.django_db(transaction=True)
 ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
-
-
-async def in_thread(work: Callable[[], T]) -> T:
-    """ORM work in a worker thread, closing that thread's connection afterwards."""
-
-    def run() -> T:
-        try:
-            return work()
-        finally:
-            connections.close_all()
-
-    return await asyncio.to_thread(run)
 
 
 @pytest.fixture
@@ -108,8 +96,8 @@ async def test_events_reach_a_celery_task_on_a_real_worker(worker: dict[str, str
     await listener.start()
     client = redis.Redis.from_url(worker["url"])
     try:
-        products = await in_thread(lambda: [Product.objects.create(name=f"c{i}") for i in range(5)])
-        expected = await in_thread(
+        products = await orm(lambda: [Product.objects.create(name=f"c{i}") for i in range(5)])
+        expected = await orm(
             lambda: list(
                 StoredEvent.objects.filter(topic="inventory:product").values_list("event_id", flat=True)
             )

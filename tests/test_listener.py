@@ -29,6 +29,7 @@ from django_eventbus.events import Event, EventType, create_event_bus
 from django_eventbus.listener import Listener
 from django_eventbus.models import ConsumerCursor, DeadLetter, StoredEvent
 from testproject.inventory.models import Product
+from tests.orm import orm
 from tests.services import require_postgres, require_redis
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -50,18 +51,6 @@ async def await_until(condition: Callable[[], bool], timeout: float = 30.0, what
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} not met within {timeout}s")
         await asyncio.sleep(0.02)
-
-
-async def orm(work: Callable[[], T]) -> T:
-    """Run ORM code from an async test, closing the connection it opened."""
-
-    def run() -> T:
-        try:
-            return work()
-        finally:
-            connections.close_all()
-
-    return await asyncio.to_thread(run)
 
 
 @pytest.fixture
