@@ -6,6 +6,12 @@ log rows of a batch go in one multi-row ``INSERT``, and on PostgreSQL the
 NOTIFYs of the same events ride in that very statement as a data-modifying
 CTE: ``WITH ins AS (INSERT …) SELECT pg_notify(%s, %s), …``. Everything is
 parameterised; only table and column names (from the model) are quoted in.
+
+Asked to ``commit`` (the outbox writes right before the transaction commits),
+on psycopg 3 the last statement is sent as ``…; COMMIT`` in one simple-protocol
+query: the write then costs no round trip of its own. The parameters are bound
+client-side by psycopg (``compose_sql``) for that, whatever ``server_side_binding``
+says. psycopg's own ``commit()`` is a no-op on the idle connection that leaves.
 """
 
 from __future__ import annotations
@@ -31,21 +37,55 @@ def record(
     connection: BaseDatabaseWrapper,
     notifications: Sequence[tuple[str, str]] = (),
     store: bool = True,
-) -> None:
-    """Insert ``events`` into the log (if ``store``) and send ``notifications`` in the same statement(s)."""
-    if not store:
-        if notifications:
-            _notify_only(notifications, connection)
-        return
-    notes = list(notifications)
-    for start in range(0, len(events), _BATCH):
-        batch = events[start : start + _BATCH]
-        # All notifications ride with the last batch, after every row is inserted.
-        last = start + _BATCH >= len(events)
-        _insert(batch, connection, notes if last else [])
+    commit: bool = False,
+) -> bool:
+    """Insert ``events`` into the log (if ``store``) and send ``notifications`` in the same statement(s).
+
+    With ``commit``, the transaction is committed by the last statement when the
+    driver allows it; returns whether it was.
+    """
+    statements: list[tuple[str, list[Any]]] = []
+    if store:
+        notes = list(notifications)
+        for start in range(0, len(events), _BATCH):
+            batch = events[start : start + _BATCH]
+            # All notifications ride with the last batch, after every row is inserted.
+            last = start + _BATCH >= len(events)
+            statements.append(_insert(batch, connection, notes if last else []))
+    else:
+        for start in range(0, len(notifications), _BATCH):
+            batch_notes = notifications[start : start + _BATCH]
+            params = [value for note in batch_notes for value in note]
+            statements.append(("SELECT " + ", ".join(["pg_notify(%s, %s)"] * len(batch_notes)), params))
+    if not statements:
+        return False
+    merge = commit and _can_merge_commit(connection)
+    with connection.cursor() as cursor:
+        for sql, params in statements[:-1]:
+            cursor.execute(sql, params)
+        sql, params = statements[-1]
+        if merge:
+            ops: Any = connection.ops  # PostgreSQL's operations have compose_sql (client-side binding)
+            cursor.execute(ops.compose_sql(sql, params) + "; COMMIT")
+        else:
+            cursor.execute(sql, params)
+    return merge
 
 
-def _insert(batch: Sequence[Event], connection: BaseDatabaseWrapper, notes: list[tuple[str, str]]) -> None:
+def _can_merge_commit(connection: BaseDatabaseWrapper) -> bool:
+    # psycopg 3 sends a parameterless execute with the simple query protocol (several
+    # statements allowed) and reads the transaction state from the server afterwards.
+    # psycopg2 tracks it itself and would send a second, warning COMMIT.
+    if connection.vendor != "postgresql":
+        return False
+    from django.db.backends.postgresql.psycopg_any import is_psycopg3
+
+    return is_psycopg3
+
+
+def _insert(
+    batch: Sequence[Event], connection: BaseDatabaseWrapper, notes: list[tuple[str, str]]
+) -> tuple[str, list[Any]]:
     qn = connection.ops.quote_name
     table = qn(StoredEvent._meta.db_table)
     json_cast = "::jsonb" if connection.vendor == "postgresql" else ""
@@ -72,13 +112,4 @@ def _insert(batch: Sequence[Event], connection: BaseDatabaseWrapper, notes: list
             params += [channel, payload]
     else:
         sql = insert
-    with connection.cursor() as cursor:
-        cursor.execute(sql, params)
-
-
-def _notify_only(notes: Sequence[tuple[str, str]], connection: BaseDatabaseWrapper) -> None:
-    with connection.cursor() as cursor:
-        for start in range(0, len(notes), _BATCH):
-            batch = notes[start : start + _BATCH]
-            params = [value for note in batch for value in note]
-            cursor.execute("SELECT " + ", ".join(["pg_notify(%s, %s)"] * len(batch)), params)
+    return sql, params

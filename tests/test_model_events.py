@@ -13,12 +13,13 @@ import pytest
 from django.contrib.auth.models import User
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.core.management import call_command
-from django.db import connection, transaction
+from django.db import IntegrityError, connection, transaction
 from django.test import Client
 
 import django_eventbus
 from django_eventbus.events import Event, EventSerializationError, EventType
 from django_eventbus.models import StoredEvent
+from django_eventbus.publishing import make_event, publish
 from django_eventbus.testing import CapturedEvents, capture_events
 from testproject.inventory.models import Color, Order, Product, Shipment
 
@@ -75,9 +76,8 @@ def test_update_of_an_instance_not_loaded_says_nothing_about_changes(captured_ev
 def test_rollback_emits_nothing_and_logs_nothing(captured_events: CapturedEvents) -> None:
     with pytest.raises(RuntimeError), transaction.atomic():
         Product.objects.create(name="Ghost")
-        assert StoredEvent.objects.count() == 1  # the log row is written in the same transaction…
         raise RuntimeError
-    assert StoredEvent.objects.count() == 0  # …and rolled back with it
+    assert StoredEvent.objects.count() == 0
     Product.objects.create(name="Real")
     captured_events.wait_for(1)
     assert [e.payload["fields"]["name"] for e in captured_events] == ["Real"]
@@ -103,12 +103,30 @@ def test_savepoint_rollback_inside_committed_transaction(captured_events: Captur
     assert sorted(StoredEvent.objects.values_list("payload__fields__name", flat=True)) == sorted(names)
 
 
-def test_log_row_is_in_the_same_transaction_and_publish_happens_after_commit() -> None:
+def test_log_rows_are_written_at_commit_and_published_after_it() -> None:
     with capture_events() as events, transaction.atomic():
         Product.objects.create(name="P")
-        assert StoredEvent.objects.count() == 1
+        # Buffered: written by the transaction's last statement, right before COMMIT.
+        assert StoredEvent.objects.count() == 0
         assert len(events) == 0
+    assert StoredEvent.objects.count() == 1
     events.wait_for(1)
+
+
+def test_a_log_write_that_fails_at_commit_rolls_the_change_back(captured_events: CapturedEvents) -> None:
+    """The log row is in the same transaction as the change: if it cannot be written, nothing commits."""
+    clash = make_event("ops:clash")
+    publish("ops:clash", clash)  # autocommit: in the log now
+    with pytest.raises(IntegrityError), transaction.atomic():
+        Product.objects.create(name="Doomed")
+        publish("ops:clash", clash)  # same event_id: the log's unique index refuses it at commit
+    assert not Product.objects.filter(name="Doomed").exists()
+    assert StoredEvent.objects.filter(event_id=clash.event_id).count() == 1
+    # The connection is usable and the next transaction is recorded as usual.
+    Product.objects.create(name="Next")
+    captured_events.wait_for(2)
+    assert [e.topic for e in captured_events] == ["ops:clash", "inventory:product"]
+    assert StoredEvent.objects.count() == 2
 
 
 def test_store_events_off_writes_no_log(settings: Any, captured_events: CapturedEvents) -> None:
@@ -366,3 +384,68 @@ def test_notify_through_djangos_connection_is_delivered_at_commit(use_bus: Any) 
             raise RuntimeError
         assert received() == []
     assert connection.vendor == "postgresql"
+
+
+@pytest.mark.pgdjango
+def test_a_tracked_save_costs_no_round_trip_more_than_an_untracked_one(use_bus: Any) -> None:
+    """The log row and the NOTIFY ride in the statement that commits (psycopg 3)."""
+    from django.test.utils import CaptureQueriesContext
+
+    tracked = use_bus("postgres-django")["MODELS"]
+    use_bus("postgres-django", MODELS={})
+    with CaptureQueriesContext(connection) as untracked, transaction.atomic():
+        Product.objects.create(name="not counted")
+    use_bus("postgres-django", MODELS=tracked)
+    with CaptureQueriesContext(connection) as queries, transaction.atomic():
+        Product.objects.create(name="counted")
+    assert [q["sql"][:6] for q in untracked.captured_queries] == ["BEGIN", "INSERT", "COMMIT"]
+    sql = [q["sql"] for q in queries.captured_queries]
+    assert len(sql) == 3, sql  # BEGIN, the product INSERT, then log INSERT + NOTIFY + COMMIT in one
+    assert sql[2].startswith("WITH ins AS (INSERT INTO") and sql[2].endswith("; COMMIT")
+    assert "pg_notify" in sql[2]
+    # Committed for everyone, and the connection is idle and reusable.
+    assert StoredEvent.objects.filter(payload__fields__name="counted").count() == 1
+    assert connection.connection.info.transaction_status == 0  # psycopg IDLE
+    with transaction.atomic():
+        Product.objects.create(name="again")
+    assert StoredEvent.objects.count() == 2
+
+
+def test_callbacks_run_by_hand_still_write_the_log(django_capture_on_commit_callbacks: Any) -> None:
+    # TestCase.captureOnCommitCallbacks(execute=True) runs on_commit callbacks without a
+    # commit: the rows must be written then, as they would have been at the commit.
+    with transaction.atomic():  # what TestCase wraps each test in (never committed)
+        with django_capture_on_commit_callbacks(execute=True) as callbacks:
+            Product.objects.create(name="in a TestCase")
+        assert len(callbacks) == 1
+        assert StoredEvent.objects.filter(payload__fields__name="in a TestCase").count() == 1
+        transaction.set_rollback(True)
+    assert not StoredEvent.objects.exists()
+
+
+@pytest.mark.redis
+def test_redis_publish_falls_back_to_the_bus_loop_when_the_direct_path_fails(
+    use_bus: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    import redis.exceptions
+
+    from django_eventbus.runtime import get_runner
+
+    use_bus("redis")
+    runner = get_runner()
+    runner.bus  # noqa: B018 - connect, which sets up the direct (blocking) publisher
+    blocking = runner._blocking
+    assert blocking is not None
+
+    def refuse() -> Any:
+        raise redis.exceptions.ConnectionError("refused (test)")
+
+    blocking.close()
+    blocking._connect = refuse
+    with capture_events("inventory:*") as events, caplog.at_level("WARNING", logger="django_eventbus"):
+        for name in ["one", "two", "three"]:
+            with transaction.atomic():
+                Product.objects.create(name=name)
+        events.wait_for(3)
+    assert [e.payload["fields"]["name"] for e in events] == ["one", "two", "three"]
+    assert any("blocking publish failed" in r.getMessage() for r in caplog.records)
