@@ -52,6 +52,13 @@ MODEL_DEFAULTS: dict[str, Any] = {
 class EventBusSettings:
     """Typed access to ``settings.EVENTBUS`` with defaults; see the README for each key."""
 
+    def __init__(self) -> None:
+        # (BUS as last seen, its parsed config): parsing a URL on every commit showed
+        # in the tracked-save profile. Compared by value, so a replaced or edited BUS
+        # setting is parsed again.
+        self._bus_cache: tuple[Any, dict[str, Any]] | None = None
+        self._default_source: tuple[int, str] | None = None
+
     @property
     def raw(self) -> Mapping[str, Any]:
         value = getattr(settings, "EVENTBUS", None)
@@ -83,8 +90,13 @@ class EventBusSettings:
     @property
     def SOURCE(self) -> str:
         value = self.get("SOURCE")
+        if value:
+            return str(value)
         # host:pid names the process that published, which is what an operator needs to find it.
-        return str(value) if value else f"{socket.gethostname()}:{os.getpid()}"
+        pid = os.getpid()
+        if self._default_source is None or self._default_source[0] != pid:  # new, or a forked child
+            self._default_source = (pid, f"{socket.gethostname()}:{pid}")
+        return self._default_source[1]
 
     @property
     def DATABASE_ALIAS(self) -> str:
@@ -112,7 +124,11 @@ class EventBusSettings:
         from .events.bus import parse_bus_url
 
         bus = self.BUS
-        return parse_bus_url(bus) if isinstance(bus, str) else dict(bus)
+        cached = self._bus_cache
+        if cached is None or cached[0] != bus:
+            parsed = parse_bus_url(bus) if isinstance(bus, str) else dict(bus)
+            cached = self._bus_cache = (bus if isinstance(bus, str) else dict(bus), parsed)
+        return dict(cached[1])
 
     def uses_django_database(self) -> bool:
         """True for the PostgreSQL bus without ``connection_string``: Django's database is the transport."""

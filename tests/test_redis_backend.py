@@ -683,3 +683,74 @@ async def test_slow_subscriber_drops_locally_instead_of_being_cut_off(
     assert sub.stats.dropped == total - len(slow_handled)
     assert states.lost == 0
     assert sub.stats.reconnects == 0
+
+
+# -- the blocking publisher (sync threads: the Django layer's after-commit path) --------
+
+
+async def test_blocking_publisher_delivers_in_order_and_counts(make_bus: Any) -> None:
+    pub = await make_bus()
+    sub = await make_bus(channel_prefix=pub.channel_prefix)
+    got: list[int] = []
+    await sub.subscribe("b", lambda e: got.append(e.payload["i"]), pattern="b*")
+    blocking = pub.blocking_publisher()
+    try:
+        await asyncio.to_thread(blocking.publish_many, [ev("b", i=0)])
+        await asyncio.to_thread(blocking.publish_many, [ev("b", i=i) for i in range(1, 600)])
+        await wait_for(lambda: len(got) == 600, what="600 events")
+    finally:
+        blocking.close()
+    assert got == list(range(600))
+    assert pub.stats.published == 600
+
+
+async def test_blocking_publisher_rejects_non_json_before_writing(make_bus: Any) -> None:
+    from django_eventbus.events import EventSerializationError
+
+    pub = await make_bus()
+    blocking = pub.blocking_publisher()
+    try:
+        with pytest.raises(EventSerializationError):
+            blocking.publish_many([ev("b", ok=1), ev("b", bad={1, 2})])
+    finally:
+        blocking.close()
+    assert pub.stats.published == 0
+
+
+async def test_blocking_publisher_replaces_a_connection_the_server_closed(
+    throwaway_redis: Any, make_bus: Any
+) -> None:
+    server = await throwaway_redis()
+    pub = await make_bus(url=server.url)
+    sub = await make_bus(url=server.url)
+    got: list[int] = []
+    await sub.subscribe("k", lambda e: got.append(e.payload["i"]))
+    blocking = pub.blocking_publisher()
+    try:
+        await asyncio.to_thread(blocking.publish_many, [ev("k", i=0)])
+        await wait_for(lambda: got == [0])
+        admin = server.admin()
+        try:
+            assert await admin.execute_command("CLIENT", "KILL", "TYPE", "normal") >= 1
+        finally:
+            await admin.aclose()
+        # As if idle for a while (an idle `timeout` on the server): the EOF is seen before the write.
+        blocking._last_write -= 10
+        await asyncio.to_thread(blocking.publish_many, [ev("k", i=1)])
+        await wait_for(lambda: got == [0, 1], what="the event after the kill")
+    finally:
+        blocking.close()
+
+
+async def test_blocking_publisher_raises_when_redis_is_gone(throwaway_redis: Any, make_bus: Any) -> None:
+    server = await throwaway_redis()
+    pub = await make_bus(url=server.url)
+    blocking = pub.blocking_publisher()
+    try:
+        server.kill()
+        with pytest.raises(RedisConnectionError, match="blocking publish failed"):
+            for _ in range(3):  # the first write may land in the kernel before the RST comes back
+                await asyncio.to_thread(blocking.publish_many, [ev("k", i=0)])
+                await asyncio.sleep(0.05)
+    finally:
+        blocking.close()

@@ -30,6 +30,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import redis.connection
 import redis.exceptions
 from redis.asyncio.connection import (
     AbstractConnection,
@@ -44,6 +45,7 @@ from .base import BaseEventBus, ConnectionState
 from .codec import dumps_event, loads_event
 from .dispatch import Delivery
 from .errors import BusClosedError, EventBusError
+from .redis_blocking import BlockingPublisher
 from .types import Event
 
 __all__ = ["RedisConnectionError", "RedisEventBus", "redis_glob"]
@@ -70,6 +72,14 @@ _PERMANENT = (redis.exceptions.AuthenticationError, redis.exceptions.Authorizati
 
 class RedisConnectionError(EventBusError, ConnectionError):
     """Redis could not be reached (at ``connect``, or by ``publish`` within ``publish_timeout``)."""
+
+
+# redis-py's blocking twin of each asyncio connection class the bus may use.
+_BLOCKING_CONNECTION_CLASSES: dict[type, Callable[..., redis.connection.AbstractConnection]] = {
+    Connection: redis.connection.Connection,
+    SSLConnection: redis.connection.SSLConnection,
+    UnixDomainSocketConnection: redis.connection.UnixDomainSocketConnection,
+}
 
 
 @functools.lru_cache(maxsize=1024)
@@ -254,6 +264,26 @@ class RedisEventBus(BaseEventBus):
 
     def _new_connection(self) -> AbstractConnection:
         return self.connection_class(**self.connection_kwargs)
+
+    def blocking_publisher(self) -> BlockingPublisher:
+        """A publisher for threads without an event loop, on its own connection (see redis_blocking).
+
+        Same server, credentials and channels as this bus; it counts in ``stats.published``.
+        A write is bounded by ``publish_timeout``.
+        """
+        sync_class = _BLOCKING_CONNECTION_CLASSES[self.connection_class]
+        kwargs = {**self.connection_kwargs, "socket_timeout": self.publish_timeout}
+
+        def count(n: int) -> None:
+            self.stats.published += n
+
+        return BlockingPublisher(
+            lambda: sync_class(**kwargs),
+            self.channel_prefix,
+            self._check_publish,
+            count,
+            RedisConnectionError,
+        )
 
     async def _open_subscriber(self) -> None:
         """Connect the subscriber, start its reader and (re)subscribe to everything the table needs."""
