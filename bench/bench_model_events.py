@@ -8,6 +8,14 @@ it measures the model untracked (the baseline: plain Django), tracked with
 and prints each rate and its ratio to the baseline. Issue targets: tracked
 >= 0.6x untracked with STORE_EVENTS on, >= 0.85x with it off.
 
+Beside them, the same untracked create plus what a hand-written integration with
+the raw client would do, so the cost of the transport itself on this machine is
+visible (the "vs raw" column is ours / that):
+
+- postgres-django: the raw ``INSERT … ; pg_notify`` of the log row as one
+  statement in the transaction (the issue's CTE), and a bare ``pg_notify``;
+- redis: a redis-py ``PUBLISH`` of the same JSON after the commit.
+
 The database is ``eventbus_bench`` on the local server (created if missing;
 override with BENCH_DATABASE_URL).
 """
@@ -70,7 +78,47 @@ def main() -> None:
         "memory": "memory://",
     }[args.bus]
 
-    def run(models: dict[str, Any], store: bool) -> float:
+    from django_eventbus.events import Event, EventType
+    from django_eventbus.events.codec import dumps, dumps_event
+
+    # What a hand-written integration sends: an event of the same shape and size.
+    sample = Event(
+        type=EventType.CREATED,
+        topic="inventory:product",
+        payload={"model": "inventory.product", "pk": 1, "fields": {"name": "p1", "stock": 1}},
+    )
+    raw_json = dumps_event(sample)
+    log_insert = (
+        "INSERT INTO django_eventbus_event"
+        " (event_id, type, topic, payload, timestamp, source, correlation_id, metadata)"
+        " VALUES (gen_random_uuid()::text, 'created', 'inventory:product', %s::jsonb, now(), 'bench', NULL,"
+        " '{}'::jsonb)"
+    )
+
+    def after_nothing() -> None:
+        pass
+
+    def raw_log_and_notify() -> None:  # inside the transaction, one statement (the issue's CTE)
+        with connection.cursor() as cursor:
+            sql = f"WITH ins AS ({log_insert} RETURNING 1) SELECT pg_notify('bench', %s) FROM ins"
+            cursor.execute(sql, [dumps(sample.payload), raw_json])
+
+    def raw_log() -> None:  # inside the transaction
+        with connection.cursor() as cursor:
+            cursor.execute(log_insert, [dumps(sample.payload)])
+
+    def raw_notify() -> None:  # inside the transaction
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_notify('bench', %s)", [raw_json])
+
+    redis_client: Any = None
+
+    def raw_publish() -> None:  # after the commit
+        redis_client.publish("bench:inventory:product", raw_json)
+
+    def run(
+        models: dict[str, Any], store: bool, in_tx: Any = after_nothing, after: Any = after_nothing
+    ) -> float:
         config = {**settings.EVENTBUS, "BUS": bus, "MODELS": models, "STORE_EVENTS": store}
         with override_settings(EVENTBUS=config):
             get_runner().bus  # noqa: B018 - connect outside the timed loop
@@ -79,29 +127,53 @@ def main() -> None:
             for i in range(args.creates):
                 with transaction.atomic():
                     Product.objects.create(name=f"p{i}", stock=i)
+                    in_tx()
+                after()
             elapsed = time.perf_counter() - start
             get_runner().flush()
         with connection.cursor() as cursor:
             cursor.execute("TRUNCATE inventory_product, django_eventbus_event RESTART IDENTITY CASCADE")
-        return args.creates / elapsed
+        return float(args.creates) / elapsed
 
-    tracked = {"inventory.Product": {}}
-    names = ["untracked", "tracked, STORE_EVENTS on", "tracked, STORE_EVENTS off"]
-    results: dict[str, list[float]] = {name: [] for name in names}
+    tracked: dict[str, Any] = {"inventory.Product": {}}
+    variants: dict[str, Any] = {
+        "untracked": lambda: run({}, True),
+        "tracked, STORE_EVENTS on": lambda: run(tracked, True),
+        "tracked, STORE_EVENTS off": lambda: run(tracked, False),
+    }
+    raw_for: dict[str, str] = {}
+    if args.bus == "postgres-django":
+        variants["raw: + INSERT log; pg_notify"] = lambda: run({}, True, in_tx=raw_log_and_notify)
+        variants["raw: + pg_notify"] = lambda: run({}, True, in_tx=raw_notify)
+        raw_for = {
+            "tracked, STORE_EVENTS on": "raw: + INSERT log; pg_notify",
+            "tracked, STORE_EVENTS off": "raw: + pg_notify",
+        }
+    elif args.bus == "redis":
+        import redis
+
+        redis_client = redis.Redis.from_url(bus)
+        variants["raw: + INSERT log; PUBLISH"] = lambda: run({}, True, in_tx=raw_log, after=raw_publish)
+        variants["raw: + PUBLISH after commit"] = lambda: run({}, True, after=raw_publish)
+        raw_for = {
+            "tracked, STORE_EVENTS on": "raw: + INSERT log; PUBLISH",
+            "tracked, STORE_EVENTS off": "raw: + PUBLISH after commit",
+        }
+    results: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(args.repeats):
-        results["untracked"].append(run({}, True))
-        results["tracked, STORE_EVENTS on"].append(run(tracked, True))
-        results["tracked, STORE_EVENTS off"].append(run(tracked, False))
+        for name, measure in variants.items():
+            results[name].append(measure())
     reset_runner()
 
-    base = statistics.median(results["untracked"])
+    rates = {name: statistics.median(runs) for name, runs in results.items()}
+    base = rates["untracked"]
     print(f"Product.objects.create() in its own atomic(), PostgreSQL, bus={args.bus}")
-    print(f"{args.creates:,} creates x {args.repeats} runs, medians")
-    print(f"{'':30}{'creates/s':>12}{'ratio':>8}{'target':>9}")
-    targets = {"untracked": "", "tracked, STORE_EVENTS on": ">= 0.60", "tracked, STORE_EVENTS off": ">= 0.85"}
-    for name, runs in results.items():
-        rate = statistics.median(runs)
-        print(f"{name:30}{rate:>12,.0f}{rate / base:>8.2f}{targets[name]:>9}")
+    print(f"{args.creates:,} creates x {args.repeats} runs (interleaved), medians")
+    print(f"{'':32}{'creates/s':>11}{'ratio':>8}{'target':>9}{'vs raw':>8}")
+    targets = {"tracked, STORE_EVENTS on": ">= 0.60", "tracked, STORE_EVENTS off": ">= 0.85"}
+    for name, rate in rates.items():
+        versus = f"{rate / rates[raw_for[name]]:.2f}" if name in raw_for else ""
+        print(f"{name:32}{rate:>11,.0f}{rate / base:>8.2f}{targets.get(name, ''):>9}{versus:>8}")
 
 
 if __name__ == "__main__":
