@@ -29,9 +29,13 @@ def check_event(event: Event) -> None:
         )
 
 
+# One encoder object: json.dumps with options builds a new JSONEncoder on every call.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
 def dumps(value: Any) -> str:
     """Compact, strict JSON (no NaN), UTF-8 kept as is."""
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return _ENCODER.encode(value)
 
 
 def dumps_event(event: Event) -> str:
