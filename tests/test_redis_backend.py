@@ -170,6 +170,14 @@ async def make_bus() -> AsyncIterator[Callable[..., Awaitable[RedisEventBus]]]:
         await bus.close()
 
 
+async def publisher_and_subscriber(
+    throwaway_redis: Any, make_bus: Any
+) -> tuple[RedisServer, RedisEventBus, RedisEventBus]:
+    """A private server with a publishing and a subscribing bus on it (for fault tests)."""
+    server = await throwaway_redis()
+    return server, await make_bus(url=server.url), await make_bus(url=server.url)
+
+
 class StateLog:
     """Records the connection-state callbacks of a bus."""
 
@@ -493,9 +501,7 @@ async def test_unix_socket_and_acl_user(throwaway_redis: Any, make_bus: Any) -> 
 async def test_client_kill_pubsub_mid_stream_reconnects_and_resumes(
     throwaway_redis: Any, make_bus: Any
 ) -> None:
-    server = await throwaway_redis()
-    pub = await make_bus(url=server.url)
-    sub = await make_bus(url=server.url)
+    server, pub, sub = await publisher_and_subscriber(throwaway_redis, make_bus)
     states = StateLog(sub)
     got: list[int] = []
     await sub.subscribe("stream", lambda e: got.append(e.payload["i"]))
@@ -533,9 +539,7 @@ async def test_client_kill_pubsub_mid_stream_reconnects_and_resumes(
 async def test_killed_publisher_connections_are_replaced_silently(
     throwaway_redis: Any, make_bus: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
-    server = await throwaway_redis()
-    pub = await make_bus(url=server.url)
-    sub = await make_bus(url=server.url)
+    server, pub, sub = await publisher_and_subscriber(throwaway_redis, make_bus)
     got: list[int] = []
     await sub.subscribe("k", lambda e: got.append(e.payload["i"]))
     await pub.publish("k", ev("k", i=0))
@@ -720,9 +724,7 @@ async def test_blocking_publisher_rejects_non_json_before_writing(make_bus: Any)
 async def test_blocking_publisher_replaces_a_connection_the_server_closed(
     throwaway_redis: Any, make_bus: Any
 ) -> None:
-    server = await throwaway_redis()
-    pub = await make_bus(url=server.url)
-    sub = await make_bus(url=server.url)
+    server, pub, sub = await publisher_and_subscriber(throwaway_redis, make_bus)
     got: list[int] = []
     await sub.subscribe("k", lambda e: got.append(e.payload["i"]))
     blocking = pub.blocking_publisher()
