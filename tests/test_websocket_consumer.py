@@ -38,6 +38,7 @@ def users(db: Any) -> dict[str, Any]:
         "admin": make_user("admin", superuser=True),
         "viewer": make_user("viewer", "inventory.view_product"),
         "staff": make_user("staff", staff=True),
+        "log_reader": make_user("log_reader", "django_eventbus.view_storedevent", staff=True),
         "plain": make_user("plain"),
         "anonymous": AnonymousUser(),
     }
@@ -209,6 +210,17 @@ async def test_patterns_deliver_only_the_topics_the_user_may_see(users: dict[str
     assert await viewer.receive_nothing(timeout=0.2)
     await expect_event(staff, report)
     assert await staff.receive_nothing(timeout=0.2)
+
+
+async def test_readers_of_the_event_log_may_follow_every_topic(users: dict[str, Any], connect: Any) -> None:
+    # The admin's list shows them every event: its live mode must not show fewer.
+    reader = await connect(users["log_reader"])  # no model permission
+    assert (await subscribe(reader, "*"))["type"] == "subscribed"
+    product, order, report = event("inventory:product"), event("inventory:order"), event("reports:daily")
+    for sent in (order, product, report):
+        await forward(sent)
+    for sent in (order, product, report):
+        await expect_event(reader, sent)
 
 
 async def test_authorization_is_pluggable(users: dict[str, Any], connect: Any, settings: Any) -> None:

@@ -8,9 +8,11 @@ callable itself). It is called from a worker thread (it may use the ORM):
 * with a **pattern** itself (``inventory:*``), among the candidates that decide
   whether a pattern subscription is accepted at all (see :func:`may_subscribe`).
 
-:func:`default_authorize` allows a model topic (``EVENTBUS["MODELS"]`` or
-``@track``) to users with the ``view`` permission on that model, any other topic
-(or pattern) to active staff users, and nothing to anonymous or inactive users.
+:func:`default_authorize` allows every topic to users who may read the event log
+in the admin (``django_eventbus.view_storedevent``: it shows every payload), a
+model topic (``EVENTBUS["MODELS"]`` or ``@track``) to users with the ``view``
+permission on that model, any other topic (or pattern) to active staff users,
+and nothing to anonymous or inactive users.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ __all__ = ["Authorize", "default_authorize", "get_authorize", "may_see", "may_su
 Authorize = Callable[[Any, str], bool]
 
 DEFAULT_AUTHORIZE = "django_eventbus.channels.auth.default_authorize"
+EVENT_LOG_VIEW_PERMISSION = "django_eventbus.view_storedevent"
 
 
 def model_topics() -> dict[str, list[type[models.Model]]]:
@@ -44,9 +47,12 @@ def model_topics() -> dict[str, list[type[models.Model]]]:
 
 
 def default_authorize(user: Any, topic: str) -> bool:
-    """Model topics need the ``view`` permission on the model; others need ``is_staff``."""
+    """Readers of the event log see all; model topics need the model's ``view`` permission; others staff."""
     if user is None or not getattr(user, "is_authenticated", False) or not getattr(user, "is_active", False):
         return False
+    if user.has_perm(EVENT_LOG_VIEW_PERMISSION):
+        # Whoever can read every payload in the admin's event log may follow it live too.
+        return True
     models_ = model_topics().get(topic)
     if models_:
         return all(
