@@ -260,3 +260,18 @@ async def test_model_save_reaches_a_websocket_in_memory_mode(memory_mode: None) 
         assert await ws.receive_nothing(timeout=0.3)
     finally:
         await ws.disconnect()
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_reset_runner_from_djangos_sync_thread_does_not_deadlock(memory_mode: None) -> None:
+    """The runner's consumers use their own database thread, not the caller's (asgiref's) one."""
+    from asgiref.sync import sync_to_async
+
+    from django_eventbus.runtime import get_runner, reset_runner
+    from testproject.inventory.models import Product
+
+    await sync_to_async(Product.objects.create)(name="Lamp", stock=1)  # consumers ran on the runner
+    await sync_to_async(get_runner().flush)()
+    start = asyncio.get_running_loop().time()
+    await asyncio.wait_for(sync_to_async(reset_runner)(), timeout=8)
+    assert asyncio.get_running_loop().time() - start < 3
