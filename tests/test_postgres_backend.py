@@ -715,3 +715,19 @@ async def test_close_while_reconnecting_is_prompt_and_clean(cluster: Cluster, ma
     assert state_of(bus) is ConnectionState.CLOSED
     # No reader task is left behind (pytest's warnings-as-errors would catch a pending one too).
     assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("eventbus-postgres")]
+
+
+async def test_close_during_an_outage_is_bounded_twenty_times(cluster: Cluster, make_bus: MakeBus) -> None:
+    # 20 buses lose their server; each is closed at another point of its reconnect loop.
+    buses = [await make_bus(url=cluster.url) for _ in range(20)]
+    for bus in buses:
+        await bus.subscribe("r", lambda e: None)
+    await asyncio.to_thread(cluster.stop)
+    loop = asyncio.get_running_loop()
+    for i, bus in enumerate(buses):
+        await asyncio.sleep(0.013 * i)
+        started = loop.time()
+        await asyncio.wait_for(bus.close(), 10)
+        assert loop.time() - started < 2, f"close #{i} took {loop.time() - started:.2f}s"
+        assert state_of(bus) is ConnectionState.CLOSED
+    assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("eventbus-postgres")]

@@ -622,6 +622,24 @@ async def test_close_while_reconnecting_is_prompt(throwaway_redis: Any) -> None:
     assert states.restored == 0
 
 
+async def test_close_during_an_outage_is_bounded_twenty_times(throwaway_redis: Any) -> None:
+    # 20 buses lose their server; each is closed at another point of its reconnect loop
+    # (while connecting, while backing off). Every close ends within 2 s and leaves no task.
+    server = await throwaway_redis()
+    buses = [RedisEventBus(url=server.url, connect_timeout=1.0) for _ in range(20)]
+    for bus in buses:
+        await bus.connect()
+        await bus.subscribe("t", lambda e: None)
+    server.kill()
+    for i, bus in enumerate(buses):
+        await asyncio.sleep(0.013 * i)
+        start = time.monotonic()
+        await asyncio.wait_for(bus.close(), 10)
+        assert time.monotonic() - start < 2, f"close #{i} took {time.monotonic() - start:.2f}s"
+        assert bus.state is ConnectionState.CLOSED
+    assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("eventbus-redis")]
+
+
 async def test_silent_server_is_detected_by_the_health_check(throwaway_redis: Any, make_bus: Any) -> None:
     server = await throwaway_redis()
     pub = await make_bus(url=server.url)

@@ -216,6 +216,7 @@ class RedisEventBus(BaseEventBus):
         self._conn: AbstractConnection | None = None  # the subscriber connection
         self._reader: asyncio.Task[None] | None = None
         self._supervisor: asyncio.Task[None] | None = None
+        self._closing = False  # set by close(): the supervisor must not reconnect after it
         self._live = False  # the subscriber connection is up and has been sent our subscriptions
         self._reads = 0  # replies read by the reader; the health check watches it move
         self._channels: dict[bytes, str] = {}  # subscribed channel -> its topic
@@ -252,11 +253,16 @@ class RedisEventBus(BaseEventBus):
         )
 
     async def _close(self) -> None:
+        self._closing = True
         self._live = False
-        if self._supervisor is not None:
-            self._supervisor.cancel()
-            await asyncio.wait({self._supervisor})
-            self._supervisor = None
+        supervisor, self._supervisor = self._supervisor, None
+        if supervisor is not None:
+            # A cancellation can be swallowed by a wait_for() inside redis-py whose inner
+            # awaitable finished at the same moment (Python 3.11): cancel again until the
+            # task is really gone. The closing flag stops it at its next loop turn anyway.
+            while not supervisor.done():
+                supervisor.cancel()
+                await asyncio.wait({supervisor}, timeout=0.1)
         await self._drop_subscriber()
         if self._publisher is not None:
             publisher, self._publisher = self._publisher, None
@@ -289,7 +295,8 @@ class RedisEventBus(BaseEventBus):
         """Connect the subscriber, start its reader and (re)subscribe to everything the table needs."""
         conn = self._new_connection()
         try:
-            await asyncio.wait_for(conn.connect(), self.connect_timeout)  # type: ignore[no-untyped-call]
+            async with _timeout(self.connect_timeout):
+                await conn.connect()  # type: ignore[no-untyped-call]
         except BaseException:
             await conn.disconnect(nowait=True)
             raise
@@ -315,7 +322,8 @@ class RedisEventBus(BaseEventBus):
                 waits += [self._expect(b"psubscribe", g) for g in globs]
                 await conn.send_command("PSUBSCRIBE", *globs, check_health=False)
             if waits:
-                await asyncio.wait_for(asyncio.gather(*waits), self.connect_timeout)
+                async with _timeout(self.connect_timeout):
+                    await asyncio.gather(*waits)
             if self._reader.done():
                 raise redis.exceptions.ConnectionError("connection lost while subscribing")
         except BaseException:
@@ -336,13 +344,15 @@ class RedisEventBus(BaseEventBus):
     # -- supervision: health checks and reconnects ------------------------------
 
     async def _supervise(self) -> None:
-        while True:
+        while not self._stopping():
             await self._watch()
-            if self._state is ConnectionState.CLOSED:
+            if self._stopping():
                 return
             await self._drop_subscriber()
             await self._set_state(ConnectionState.RECONNECTING)
             for delay in backoff_delays():
+                if self._stopping():
+                    return
                 try:
                     await self._open_subscriber()
                     break
@@ -356,6 +366,10 @@ class RedisEventBus(BaseEventBus):
                     await asyncio.sleep(delay)
             await self._set_state(ConnectionState.CONNECTED)
             await self._unlisten_cancelled()
+
+    def _stopping(self) -> bool:
+        # A method, not the attribute inline: close() sets it while the loop awaits.
+        return self._closing or self._state is ConnectionState.CLOSED
 
     async def _unlisten_cancelled(self) -> None:
         """Drop what was cancelled while reconnecting (the base calls ``_unlisten`` only when connected)."""
@@ -399,7 +413,8 @@ class RedisEventBus(BaseEventBus):
                 return
             pinged = True
             try:
-                await asyncio.wait_for(conn.send_command("PING", check_health=False), interval)
+                async with _timeout(interval):
+                    await conn.send_command("PING", check_health=False)
             except (redis.exceptions.RedisError, OSError, asyncio.TimeoutError):
                 return
 
@@ -527,7 +542,8 @@ class RedisEventBus(BaseEventBus):
             await conn.send_command(command, *names, check_health=False)
             if waiter is not None:
                 # Confirmed means a publish made after subscribe() returns reaches us.
-                await asyncio.wait_for(asyncio.shield(waiter), self.connect_timeout)
+                async with _timeout(self.connect_timeout):
+                    await asyncio.shield(waiter)
         except (redis.exceptions.RedisError, OSError) as exc:
             logger.warning(
                 "redis event bus: %s %r failed (%s); the reconnect will retry", command, names, exc
