@@ -15,7 +15,9 @@ class StoredEvent(models.Model):
     """One published event. ``id`` increases with insertion; ``event_id`` is the event's own id."""
 
     id = models.BigAutoField(primary_key=True)
-    event_id = models.CharField(max_length=64, unique=True)
+    # Unique through Meta.constraints, not unique=True: on PostgreSQL the field option
+    # adds a second, varchar_pattern_ops copy of the index that nothing here uses.
+    event_id = models.CharField(max_length=64)
     type = models.CharField(max_length=16, choices=[(t.value, t.name.title()) for t in EventType])
     topic = models.CharField(max_length=1024)
     payload = models.JSONField(default=dict)
@@ -23,6 +25,9 @@ class StoredEvent(models.Model):
     source = models.CharField(max_length=255, blank=True, null=True)
     correlation_id = models.CharField(max_length=255, blank=True, null=True)
     metadata = models.JSONField(default=dict)
+    #: True for rows whose writer did not publish them (database capture, a transaction
+    #: over the outbox's publish limit): the listener's relay publishes them from the log.
+    relay = models.BooleanField(default=False, db_default=False)
 
     class Meta:
         db_table = "django_eventbus_event"
@@ -40,8 +45,10 @@ class StoredEvent(models.Model):
             models.Index(fields=["timestamp"], name="eventbus_timestamp"),
             models.Index(fields=["correlation_id"], name="eventbus_correlation"),
             models.Index(fields=["source", "id"], name="eventbus_source_id"),
-            models.Index(fields=["type", "id"], name="eventbus_type_id"),
+            # The relay's queue: only the rows still to publish are in it.
+            models.Index(fields=["id"], name="eventbus_relay", condition=models.Q(relay=True)),
         ]
+        constraints = [models.UniqueConstraint(fields=["event_id"], name="eventbus_event_id_unique")]
         permissions = [("republish_storedevent", "Can re-publish events")]
 
     def __str__(self) -> str:
