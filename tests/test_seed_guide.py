@@ -332,3 +332,44 @@ async def test_redis_seed_config_keys_reach_a_real_server() -> None:
         await asyncio.sleep(0.01)
     await bus.close()
     assert len(got) == 1
+
+
+# -- Code written for the seed library runs unchanged (issue 17 §3) ------------------
+
+
+async def test_an_empty_config_is_the_in_memory_bus() -> None:
+    from django_eventbus.events import InMemoryEventBus
+
+    assert isinstance(create_event_bus({}), InMemoryEventBus)
+    assert isinstance(create_event_bus(), InMemoryEventBus)
+
+
+async def test_subscription_takes_and_keeps_its_handler() -> None:
+    from django_eventbus.events import Subscription
+
+    def handler(event: Event) -> None:
+        pass
+
+    made_by_hand = Subscription(topic="t", handler=handler)
+    assert made_by_hand.handler is handler
+    bus = create_event_bus({"backend": "memory"})
+    await bus.connect()
+    try:
+        subscription = await bus.subscribe("t", handler)
+        assert subscription.handler is handler
+    finally:
+        await bus.close()
+
+
+async def test_subscription_count_and_is_connected() -> None:
+    bus: Any = create_event_bus({"backend": "memory"})
+    assert bus.is_connected is False and bus._connected is False
+    await bus.connect()
+    assert bus.is_connected is True and bus._connected is True
+    first = await bus.subscribe("a", lambda e: None)
+    await bus.subscribe("b:*", lambda e: None, pattern="b:*")
+    assert bus.subscription_count == 2
+    await first.cancel()
+    assert bus.subscription_count == 1
+    await bus.close()
+    assert bus.is_connected is False and bus.subscription_count == 0

@@ -58,6 +58,21 @@ class BaseEventBus:
     def connected(self) -> bool:
         return self._state is ConnectionState.CONNECTED
 
+    @property
+    def is_connected(self) -> bool:
+        """True while the transport is open (the seed library's name; same as :attr:`connected`)."""
+        return self._state is ConnectionState.CONNECTED
+
+    @property
+    def _connected(self) -> bool:
+        # Kept for code written against the seed library, which read this attribute.
+        return self.is_connected
+
+    @property
+    def subscription_count(self) -> int:
+        """How many subscriptions are active on this bus."""
+        return len(self._table)
+
     def on_connection_lost(self, callback: StateCallback) -> Callable[[], None]:
         """Call ``callback()`` (sync or async) when the transport drops; returns an unregister function."""
         self._on_lost.append(callback)
@@ -168,7 +183,7 @@ class BaseEventBus:
             raise BusClosedError(f"cannot subscribe on a closed {self.backend_name} event bus")
         if not isinstance(topic, str) or not topic:
             raise ValueError("topic must be a non-empty string")
-        subscription = Subscription(topic=topic, pattern=pattern, _on_cancel=self._cancel)
+        subscription = Subscription(topic=topic, pattern=pattern, handler=handler, _on_cancel=self._cancel)
         delivery = Delivery(subscription, handler, self.stats, self.queue_size)
         key = ("pattern", pattern) if pattern is not None else ("topic", topic)
         is_new = not (

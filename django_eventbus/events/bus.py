@@ -95,18 +95,21 @@ def resolve_backend(name: str) -> type[Any]:
     return cls
 
 
-def create_event_bus(config: Mapping[str, Any] | str) -> EventBus:
+def create_event_bus(config: Mapping[str, Any] | str | None = None) -> EventBus:
     """Create an event bus from a config dict (``{"backend": "memory", ...}``) or a URL.
 
     Every key but ``backend`` is passed to the backend's constructor. Backends are
     imported only here, so a missing client library fails only for its backend.
+    No config, or one without ``backend``, is the in-memory bus (as in the seed library).
     """
+    if config is None:
+        config = {}
     if isinstance(config, str):
         config = parse_bus_url(config)
-    if not isinstance(config, Mapping) or "backend" not in config:
+    if not isinstance(config, Mapping):
         raise ValueError('event bus config must be a URL or a dict with a "backend" key')
     options = dict(config)
-    name = options.pop("backend")
+    name = options.pop("backend", "memory")
     cls = resolve_backend(str(name))
     try:
         bus = cls(**options)

@@ -253,6 +253,8 @@ class Subscription:
     pattern: str | None = None
     subscription_id: str = dataclasses.field(default_factory=_new_id)
     created_at: datetime = dataclasses.field(default_factory=_utcnow)
+    #: The function events are delivered to (the seed library's ``Subscription`` has it too).
+    handler: Handler | None = dataclasses.field(default=None, repr=False, compare=False)
     _on_cancel: Callable[[Subscription], Awaitable[None]] | None = dataclasses.field(default=None, repr=False)
     _cancelled: bool = dataclasses.field(default=False, repr=False)
 
