@@ -45,6 +45,7 @@ def check_channels(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
                     id="django_eventbus.E102",
                 )
             )
+    messages += _check_redis_channel_layer_timeouts()
     from . import enabled
 
     if not enabled():
@@ -65,4 +66,39 @@ def check_channels(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
                 id="django_eventbus.W101",
             )
         )
+    return messages
+
+
+def _check_redis_channel_layer_timeouts() -> list[CheckMessage]:
+    """W102: the Channels tutorial's RedisChannelLayer with redis-py >= 8 kills idle websockets.
+
+    redis-py 8 gives every connection a 5 s ``socket_timeout``; RedisChannelLayer's
+    ``receive`` blocks in BZPOPMIN for 5 s, so a consumer with nothing to receive for
+    that long dies with ``TimeoutError`` in ``await_many_dispatch``.
+    """
+    from django.conf import settings
+
+    try:
+        import redis
+    except ImportError:
+        return []
+    if int(redis.__version__.split(".")[0]) < 8:
+        return []
+    messages: list[CheckMessage] = []
+    layers = getattr(settings, "CHANNEL_LAYERS", None) or {}
+    for alias, layer in layers.items():
+        if not isinstance(layer, dict) or layer.get("BACKEND") != "channels_redis.core.RedisChannelLayer":
+            continue
+        hosts = (layer.get("CONFIG") or {}).get("hosts") or ["redis://localhost:6379"]
+        if any(not isinstance(host, dict) or "socket_timeout" not in host for host in hosts):
+            messages.append(
+                Warning(
+                    f"CHANNEL_LAYERS[{alias!r}] uses RedisChannelLayer with redis-py "
+                    f"{redis.__version__} and no socket_timeout: its 5 s default ends every "
+                    "websocket that receives nothing for 5 s (TimeoutError in await_many_dispatch).",
+                    hint='Give each host {"address": "redis://…", "socket_timeout": None}, '
+                    "or use channels_redis.pubsub.RedisPubSubChannelLayer.",
+                    id="django_eventbus.W102",
+                )
+            )
     return messages
