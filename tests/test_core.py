@@ -281,3 +281,31 @@ def test_backoff_grows_with_jitter_and_caps() -> None:
     assert 0.1 <= values[1] <= 0.2
     assert all(0.5 <= v <= 1.0 for v in values[5:])
     assert len(set(values)) > 1
+
+
+def test_the_event_dict_carries_its_schema_version_and_old_dicts_still_read() -> None:
+    event = Event(type=EventType.CREATED, topic="t", payload={"a": 1})
+    data = event.to_dict()
+    assert data["v"] == 1
+    without = {k: v for k, v in data.items() if k != "v"}
+    assert Event.from_dict(without) == event  # sent before the key existed: version 1
+    with pytest.raises(ValueError, match="unsupported schema version v=2"):
+        Event.from_dict({**data, "v": 2})
+
+
+def test_the_documented_chunk_framing_reassembles_a_large_event() -> None:
+    # docs/wire-format.md, read as a reader in another language would: split on the
+    # documented header, concatenate the pieces, parse.
+    from django_eventbus.events.postgres import PostgresEventBus
+
+    event = Event(type=EventType.CREATED, topic="t", payload={"text": "é" * 9000})
+    frames = [p for _, p in PostgresEventBus(connection_string="").notifications_for(event)]
+    assert len(frames) > 1
+    pieces: dict[int, str] = {}
+    for frame in frames:
+        assert frame.startswith("\x1echunk:")
+        index, count, key_length, rest = frame[len("\x1echunk:") :].split(":", 3)
+        key, piece = rest[: int(key_length)], rest[int(key_length) :]
+        assert key == event.event_id and int(count) == len(frames)
+        pieces[int(index)] = piece
+    assert Event.from_dict(json.loads("".join(pieces[i] for i in range(len(frames))))) == event

@@ -11,6 +11,9 @@ from typing import Any, NoReturn
 
 __all__ = ["Event", "EventType", "FrozenDict", "FrozenList", "Subscription", "freeze"]
 
+#: ``"v"`` of every event dict on the wire (docs/wire-format.md).
+SCHEMA_VERSION = 1
+
 
 class EventType(str, Enum):
     """Category of an event; ``.value`` is the lower-case name that goes on the wire."""
@@ -205,8 +208,13 @@ class Event:
         return dataclasses.replace(self, correlation_id=correlation_id)
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict of every field (timestamp as ISO 8601, type as its value)."""
+        """A JSON-ready dict of every field (timestamp as ISO 8601, type as its value).
+
+        ``v`` is the schema version (docs/wire-format.md): it changes only when a key
+        changes meaning or goes away; added keys keep it.
+        """
         return {
+            "v": SCHEMA_VERSION,
             "event_id": self.event_id,
             "type": self.type.value,
             "topic": self.topic,
@@ -219,7 +227,13 @@ class Event:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Event:
-        """Rebuild an event from :meth:`to_dict` output; ``ValueError`` on malformed input."""
+        """Rebuild an event from :meth:`to_dict` output; ``ValueError`` on malformed input.
+
+        A dict without ``v`` is version 1 (what was sent before the key existed); a
+        version this code does not know is refused rather than misread.
+        """
+        if data.get("v", SCHEMA_VERSION) != SCHEMA_VERSION:
+            raise ValueError(f"not a valid event: unsupported schema version v={data.get('v')!r}")
         try:
             timestamp = data.get("timestamp")
             kwargs: dict[str, Any] = {
