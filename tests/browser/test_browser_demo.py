@@ -106,6 +106,20 @@ def test_the_form_on_the_page_adds_a_product_live(demo_server: str, page: Page) 
     assert Product.objects.filter(name="Form lamp").count() == 1
 
 
+def test_the_home_page_loads_without_console_errors_or_failed_requests(demo_server: str, page: Page) -> None:
+    errors: list[str] = []
+    page.on("console", lambda m: errors.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
+    page.on("pageerror", lambda exc: errors.append(f"page error: {exc}"))
+    page.on("response", lambda r: errors.append(f"{r.status} {r.url}") if r.status >= 400 else None)
+    page.on("requestfailed", lambda r: errors.append(f"failed {r.url}"))
+    make_user("admin", superuser=True, password="admin")
+    log_in(page, demo_server, "admin", "admin")
+    expect(page.locator("#status")).to_have_text("live", timeout=10_000)
+    page.reload()
+    expect(page.locator("#status")).to_have_text("live", timeout=10_000)
+    assert errors == []
+
+
 def test_anonymous_visitors_are_asked_to_log_in(demo_server: str, page: Page) -> None:
     Product.objects.create(name="Visible lamp", stock=1)
     page.goto(demo_server + "/")
