@@ -38,6 +38,7 @@ from typing import Any
 from asgiref.sync import sync_to_async
 from django.db import connections, transaction
 
+from . import signals, tracing
 from .conf import conf
 from .consumers import Consumer
 from .events.backoff import backoff_delays
@@ -130,8 +131,10 @@ class ConsumerRunner:
         attempts = 0
         while True:
             attempts += 1
+            started = time.perf_counter()
             try:
-                await call_handler(self._func, event)
+                with tracing.handle_span(consumer.name, event):
+                    await call_handler(self._func, event)
             except Exception as exc:
                 logger.warning(
                     "consumer %s failed on event %s (%s), attempt %d of %d",
@@ -151,10 +154,13 @@ class ConsumerRunner:
                         attempts,
                     )
                     await sync_to_async(_dead_letter)(consumer.name, event, exc, attempts)
+                    signals.failed(consumer.name, event, exc, attempts, dead_lettered=True)
                     break
+                signals.failed(consumer.name, event, exc, attempts, dead_lettered=False)
                 await asyncio.sleep(next(delays))
             else:
                 self.handled_count += 1
+                signals.handled(consumer.name, event, time.perf_counter() - started)
                 break
         self.recent[event.event_id] = None
         if len(self.recent) > RECENT:

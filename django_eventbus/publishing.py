@@ -7,6 +7,7 @@ from typing import Any
 
 from asgiref.sync import sync_to_async
 
+from . import tracing
 from .conf import conf
 from .context import current_correlation_id
 from .events import Event, EventType
@@ -22,6 +23,7 @@ def make_event(
     """An event with this process's ``source`` and the current correlation id filled in."""
     kw.setdefault("source", conf.SOURCE)
     kw.setdefault("correlation_id", current_correlation_id())
+    kw["metadata"] = tracing.inject(kw.get("metadata") or {})
     return Event(type=EventType(event_type), topic=topic, payload=payload or {}, **kw)
 
 
@@ -29,11 +31,13 @@ def _complete(topic: str, event: Event) -> Event:
     if event.topic != topic:
         raise ValueError(f"publish({topic!r}, event) with event.topic={event.topic!r}: they must be equal")
     check_event(event)  # fail in the caller, not after commit
-    if event.source is None or event.correlation_id is None:
+    metadata = tracing.inject(event.metadata)
+    if event.source is None or event.correlation_id is None or metadata is not event.metadata:
         event = dataclasses.replace(
             event,
             source=event.source or conf.SOURCE,
             correlation_id=event.correlation_id or current_correlation_id(),
+            metadata=metadata,
         )
     return event
 

@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 from django.core.signals import setting_changed
 from django.dispatch import receiver
 
+from . import signals, tracing
 from .conf import conf
 from .events import Event, Subscription, create_event_bus
 from .events.base import BaseEventBus
@@ -198,14 +199,17 @@ class BusRunner:
         with self._outbox_changed:
             if self._outbox or self._draining:
                 return False
+            started = time.perf_counter()
             try:
-                self._blocking.publish_many(events)
+                with tracing.publish_span(events):
+                    self._blocking.publish_many(events)
             except Exception as exc:
                 self._blocking_retry_at = time.monotonic() + 1.0
                 logger.warning("blocking publish failed (%s); using the bus's own connection", exc)
                 return False
             self._queued += len(events)
             self._sent += len(events)
+        signals.published(events, time.perf_counter() - started)
         return True
 
     def _start_drain(self) -> None:
@@ -223,8 +227,11 @@ class BusRunner:
                     self._draining = False
                     self._outbox_changed.notify_all()
                     return
+            started = time.perf_counter()
             try:
-                await bus.publish_many(batch)
+                with tracing.publish_span(batch):
+                    await bus.publish_many(batch)
+                signals.published(batch, time.perf_counter() - started)
             except Exception:
                 logger.exception(
                     "publishing %d event(s) (first %s) failed; the event log has them if STORE_EVENTS is on",

@@ -132,16 +132,6 @@ def fake_modules(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     return {"registry": registry, "families": families, "counters": counters}
 
 
-def test_prometheus_recipe(fake_modules: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(metrics, "get_stats", lambda: {**dict.fromkeys(STAT_NAMES, 0), "published": 5})
-    exec(compile(recipe("Prometheus"), "<metrics docstring>", "exec"), {})
-    [collector] = fake_modules["registry"]
-    list(collector.collect())
-    families = {name: (doc, value) for name, doc, value in fake_modules["families"]}
-    assert set(families) == {f"eventbus_{name}" for name in STAT_NAMES}
-    assert families["eventbus_published"] == (STAT_DESCRIPTIONS["published"], 5)
-
-
 def test_opentelemetry_recipe(fake_modules: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(metrics, "get_stats", lambda: {**dict.fromkeys(STAT_NAMES, 0), "reconnects": 2})
     exec(compile(recipe("OpenTelemetry"), "<metrics docstring>", "exec"), {})
@@ -154,7 +144,7 @@ def test_opentelemetry_recipe(fake_modules: dict[str, Any], monkeypatch: pytest.
     assert [o.value for o in published(None)] == [0]
 
 
-@pytest.mark.parametrize("title", ["Prometheus", "OpenTelemetry"])
+@pytest.mark.parametrize("title", ["OpenTelemetry"])
 def test_docs_show_the_tested_recipes(title: str) -> None:
     # docs/operations.md cannot run them (the libraries are optional): it must show this very code.
     page = (Path(__file__).resolve().parent.parent / "docs" / "operations.md").read_text()

@@ -19,23 +19,8 @@ bus), which both Prometheus and OpenTelemetry treat as a counter reset.
 Each process counts its own work: the web processes mostly publish, the
 ``eventbus_listen`` processes deliver. Export from each and sum in queries.
 
-**Prometheus** (``prometheus_client``), a custom collector that reads the
-counters at scrape time::
-
-    from prometheus_client.core import REGISTRY, CounterMetricFamily
-
-    from django_eventbus.metrics import STAT_DESCRIPTIONS, get_stats
-
-
-    class EventBusCollector:
-        def collect(self):
-            stats = get_stats()
-            for name, help_text in STAT_DESCRIPTIONS.items():
-                # prometheus_client adds the "_total" suffix to counters itself.
-                yield CounterMetricFamily(f"eventbus_{name}", help_text, value=stats[name])
-
-
-    REGISTRY.register(EventBusCollector())   # e.g. in your AppConfig.ready()
+**Prometheus**: :mod:`django_eventbus.metrics.prometheus` (extra ``[prometheus]``)
+exports these counters and more (per topic and consumer, latencies, consumer lag).
 
 **OpenTelemetry** (``opentelemetry-api``), observable counters whose callback
 reads the same dict::
@@ -70,7 +55,7 @@ from typing import Any
 from django.db import connections
 from django.db.models import Model
 
-from .events.dispatch import BusStats
+from django_eventbus.events.dispatch import BusStats
 
 __all__ = ["STAT_DESCRIPTIONS", "STAT_NAMES", "estimated_rows", "get_stats", "register_bus"]
 
@@ -112,7 +97,7 @@ def get_stats() -> dict[str, int]:
 
 
 def _buses() -> list[Any]:
-    from . import runtime
+    from django_eventbus import runtime
 
     buses: list[Any] = list(_extra_buses)
     # Read the runner without creating it: reading metrics must not open connections.
