@@ -48,9 +48,11 @@ def spans() -> Iterator[InMemorySpanExporter]:
 @pytest.fixture
 def received() -> Iterator[dict[str, list[dict[str, Any]]]]:
     got: dict[str, list[dict[str, Any]]] = {"published": [], "handled": [], "failed": []}
-    receivers: dict[str, Callable[..., None]] = {
-        name: (lambda name: lambda sender, **kw: got[name].append(kw))(name) for name in got
-    }
+
+    def recorder(kind: str) -> Callable[..., None]:
+        return lambda sender, **kw: got[kind].append(kw)
+
+    receivers = {kind: recorder(kind) for kind in got}
     signals.event_published.connect(receivers["published"], weak=False)
     signals.event_handled.connect(receivers["handled"], weak=False)
     signals.event_failed.connect(receivers["failed"], weak=False)
