@@ -379,6 +379,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--saves", type=int, default=300)
     parser.add_argument("--layers", default="pubsub,core")
+    parser.add_argument(
+        "--pool", type=int, default=0, help="Django's psycopg pool in the servers: max connections (0: none)"
+    )
     args = parser.parse_args()
     if args.quick:
         args.clients, args.rounds, args.saves = 200, 5, 100
@@ -395,6 +398,8 @@ def main() -> None:
         "EVENTBUS_CHANNEL_PREFIX": prefix,
         "DJANGO_DEBUG": "0",
     }
+    if args.pool:
+        env["DATABASE_POOL"] = str(args.pool)
     os.environ.update(env)
     os.environ.pop("CHANNEL_LAYER_URL", None)  # this process needs no layer of its own
     import django
@@ -410,7 +415,8 @@ def main() -> None:
     )
     print(
         f"{args.clients} clients over {args.servers} daphne processes, {args.rounds} fan-out rounds, "
-        f"{args.saves} single-client saves; bus: Redis pub/sub; forwarder: eventbus_listen\n"
+        f"{args.saves} single-client saves; bus: Redis pub/sub; forwarder: eventbus_listen; "
+        f"database pool: {args.pool or 'none (CONN_MAX_AGE=0)'}\n"
     )
     results: dict[str, dict[str, Any]] = {}
     try:

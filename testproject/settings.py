@@ -46,6 +46,15 @@ def database_from_url(url: str) -> dict[str, Any]:
 
 DATABASES = {"default": database_from_url(os.environ.get("DATABASE_URL", "sqlite:///"))}
 DATABASES["default"]["ATOMIC_REQUESTS"] = True
+if os.environ.get("DATABASE_POOL") and DATABASES["default"]["ENGINE"].endswith("postgresql"):
+    # Django's psycopg pool (Django >= 5.1, psycopg[pool]): DATABASE_POOL=<max connections>
+    # per process. docs/deployment.md explains when the ASGI server and the listener want it.
+    DATABASES["default"]["OPTIONS"] = {
+        "pool": {"min_size": 1, "max_size": int(os.environ["DATABASE_POOL"]), "timeout": 30},
+    }
+if os.environ.get("DATABASE_APPLICATION_NAME"):  # tests tell the processes' connections apart
+    options = DATABASES["default"].setdefault("OPTIONS", {})
+    options["application_name"] = os.environ["DATABASE_APPLICATION_NAME"]
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 INSTALLED_APPS = [
