@@ -11,6 +11,8 @@ from typing import Any
 from django.apps import AppConfig, apps
 from django.conf import settings
 from django.core.checks import CheckMessage, Error, Tags, Warning, register
+from django.db import router
+from django.db.models import Model
 
 from .conf import DEFAULTS, MODEL_DEFAULTS, conf
 from .events.bus import parse_bus_url, resolve_backend
@@ -119,18 +121,17 @@ def _check_models() -> list[CheckMessage]:
                     id="django_eventbus.E008",
                 )
             )
-        names = {f.name for f in model._meta.concrete_fields} | {
-            f.attname for f in model._meta.concrete_fields
-        }
+        fields = [*model._meta.concrete_fields, *model._meta.many_to_many]
+        names = {f.name for f in fields} | {f.attname for f in fields}
         for key in ("fields", "exclude"):
             for field_name in options.get(key) or ():
                 if field_name not in names:
                     errors.append(
                         Error(
                             f"EVENTBUS['MODELS'][{label!r}][{key!r}] names {field_name!r}, "
-                            f"which is not a concrete field of {model._meta.label}.",
+                            f"which is not a concrete or many-to-many field of {model._meta.label}.",
                             hint=f"Fields of {model._meta.label}: "
-                            + ", ".join(sorted(f.name for f in model._meta.concrete_fields)),
+                            + ", ".join(sorted(f.name for f in fields)),
                             id="django_eventbus.E009",
                         )
                     )
@@ -151,7 +152,27 @@ def _check_models() -> list[CheckMessage]:
                     id="django_eventbus.E011",
                 )
             )
+        errors += _check_write_database(model)
     return errors
+
+
+def _check_write_database(model: type[Model]) -> list[CheckMessage]:
+    # The log row must share the tracked row's transaction, so both need one database;
+    # at runtime such a write is refused before it happens (tracking.require_log_database).
+    alias = conf.DATABASE_ALIAS
+    using = router.db_for_write(model)
+    if using == alias:
+        return []
+    return [
+        Error(
+            f"{model._meta.label} is tracked, but the database router sends its writes to {using!r} "
+            f"while the event log is on {alias!r} (EVENTBUS['DATABASE_ALIAS']): its events could not "
+            "be written in the same transaction as the change, so those writes are refused.",
+            hint=f"Route {model._meta.label}'s writes to {alias!r}, set EVENTBUS['DATABASE_ALIAS'] to "
+            f"{using!r} if all tracked models live there, or stop tracking {model._meta.label}.",
+            id="django_eventbus.E012",
+        )
+    ]
 
 
 @register(Tags.compatibility, deploy=True)

@@ -46,6 +46,7 @@ MODEL_DEFAULTS: dict[str, Any] = {
     "exclude": [],
     "events": ["created", "updated", "deleted"],
     "track_changes": True,
+    "skip_unchanged": False,
 }
 
 

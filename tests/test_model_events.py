@@ -52,18 +52,33 @@ def test_create_update_delete_emit_events(captured_events: CapturedEvents) -> No
     assert logged == [(e.event_id, e.type.value) for e in captured_events]
 
 
-def test_update_that_changes_nothing_tracked_emits_nothing(
+def test_every_save_emits_even_when_nothing_tracked_changed(
     settings: Any, captured_events: CapturedEvents
 ) -> None:
     settings.EVENTBUS = {**settings.EVENTBUS, "MODELS": {"inventory.Product": {"exclude": ["updated_at"]}}}
     product = Product.objects.create(name="Chair")
-    product.save()  # nothing changed
+    product.save()  # writes the row again: an event, with nothing changed
+    product.name = "Stool"
+    product.save(update_fields=["name"])
+    captured_events.wait_for(3)
+    assert captured_events.types() == ["created", "updated", "updated"]
+    assert captured_events[1].payload["changed"] == {}
+    assert captured_events[2].payload["changed"] == {"name": ["Chair", "Stool"]}
+    assert "updated_at" not in captured_events[2].payload["fields"]
+
+
+def test_skip_unchanged_drops_updates_that_change_no_tracked_field(
+    settings: Any, captured_events: CapturedEvents
+) -> None:
+    options = {"exclude": ["updated_at"], "skip_unchanged": True}
+    settings.EVENTBUS = {**settings.EVENTBUS, "MODELS": {"inventory.Product": options}}
+    product = Product.objects.create(name="Chair")
+    product.save()  # equal to the stored row: nothing
     product.name = "Stool"
     product.save(update_fields=["name"])
     captured_events.wait_for(2)
     assert captured_events.types() == ["created", "updated"]
     assert captured_events[1].payload["changed"] == {"name": ["Chair", "Stool"]}
-    assert "updated_at" not in captured_events[1].payload["fields"]
 
 
 def test_update_of_an_instance_not_loaded_says_nothing_about_changes(captured_events: CapturedEvents) -> None:

@@ -11,12 +11,22 @@ from django.db import models
 from django_eventbus.querysets import EventBusManager
 
 
+class Tag(models.Model):
+    """A label of products: the demo's many-to-many relation (its changes are product events)."""
+
+    name = models.CharField(max_length=50, unique=True)
+
+    def __str__(self) -> str:
+        return self.name
+
+
 class Product(models.Model):
     name = models.CharField(max_length=200)
     sku = models.UUIDField(default=uuid.uuid4, unique=True)
     price = models.DecimalField(max_digits=10, decimal_places=2, default=Decimal("0.00"))
     stock = models.IntegerField(default=0)
     updated_at = models.DateTimeField(auto_now=True)
+    tags = models.ManyToManyField(Tag, blank=True, related_name="products")
 
     # Bulk writes (bulk_create, bulk_update, update) emit events too.
     objects = EventBusManager["Product"]()
