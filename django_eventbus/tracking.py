@@ -38,6 +38,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.db import models, router, transaction
 from django.db.models.signals import m2m_changed, post_delete, post_save, pre_delete, pre_save
 
+from . import tracing
 from .conf import MODEL_DEFAULTS, conf
 from .context import current_correlation_id
 from .events import Event, EventType
@@ -249,6 +250,7 @@ def _event(tracking: ModelTracking, type_: EventType, payload: dict[str, Any]) -
         payload=payload,
         source=conf.SOURCE,
         correlation_id=current_correlation_id(),
+        metadata=tracing.inject({}),
     )
 
 
