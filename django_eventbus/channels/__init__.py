@@ -80,8 +80,10 @@ def setup() -> None:
     from django_eventbus.consumers import Consumer, register, unregister
 
     from .checks import check_channels
+    from .revocation import connect_receivers
 
     checks.register(check_channels, checks.Tags.compatibility)
+    connect_receivers()
     setting_changed.connect(_on_setting_changed, dispatch_uid="django_eventbus.channels")
     if enabled():
         register(Consumer(name=CONSUMER_NAME, pattern="*", func=_forward, durable=False))
