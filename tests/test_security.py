@@ -1,0 +1,101 @@
+"""Security properties that cross modules: the documented Redis ACL, secrets in URLs, excluded fields.
+
+See SECURITY.md for the trust boundary these tests hold the code to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+import redis
+import redis.asyncio
+
+from django_eventbus.events import Event, EventType
+from django_eventbus.events.redis import RedisEventBus
+from tests.services import require_redis
+
+# -- the minimal Redis ACL of SECURITY.md ---------------------------------------------------------
+
+
+@pytest.fixture
+async def acl_users() -> AsyncIterator[tuple[str, str]]:
+    """A publisher and a subscriber ACL user limited to one channel prefix, as SECURITY.md writes them."""
+    url = require_redis()
+    prefix = f"t{uuid.uuid4().hex[:12]}"
+    admin = redis.asyncio.Redis.from_url(url)
+    names = {"pub": f"eventbus-pub-{prefix}", "sub": f"eventbus-sub-{prefix}"}
+    try:
+        await admin.execute_command(
+            "ACL",
+            "SETUSER",
+            names["pub"],
+            "reset",
+            "on",
+            ">pub-secret",
+            "resetchannels",
+            f"&{prefix}:*",
+            "+publish",
+            "+ping",
+        )
+        await admin.execute_command(
+            "ACL",
+            "SETUSER",
+            names["sub"],
+            "reset",
+            "on",
+            ">sub-secret",
+            "resetchannels",
+            f"&{prefix}:*",
+            # PSUBSCRIBE needs its glob listed literally: &prefix:* covers only the pattern "*".
+            f"&{prefix}:inventory:*",
+            "+subscribe",
+            "+psubscribe",
+            "+unsubscribe",
+            "+punsubscribe",
+            "+ping",
+        )
+        yield prefix, url
+    finally:
+        for name in names.values():
+            await admin.execute_command("ACL", "DELUSER", name)
+        await admin.aclose()
+
+
+async def test_the_documented_redis_acl_is_enough_and_confines_the_bus(
+    acl_users: tuple[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    prefix, url = acl_users
+    publisher = RedisEventBus(
+        url=url, username=f"eventbus-pub-{prefix}", password="pub-secret", channel_prefix=prefix
+    )
+    subscriber = RedisEventBus(
+        url=url, username=f"eventbus-sub-{prefix}", password="sub-secret", channel_prefix=prefix
+    )
+    await publisher.connect()
+    await subscriber.connect()
+    try:
+        got: list[Event] = []
+        await subscriber.subscribe("inventory:product", got.append)
+        await subscriber.subscribe("inventory:*", got.append, pattern="inventory:*")
+        sent = Event(type=EventType.CREATED, topic="inventory:product", payload={"n": 1})
+        await publisher.publish("inventory:product", sent)
+        async with asyncio.timeout(10):
+            while len(got) < 2:  # once per subscription
+                await asyncio.sleep(0.01)
+        assert got == [sent, sent]
+        assert not [r for r in caplog.records if "redis event bus" in r.getMessage()]
+    finally:
+        await publisher.close()
+        await subscriber.close()
+    # The publisher's password cannot PUBLISH outside the prefix, nor read keys.
+    other = redis.asyncio.Redis.from_url(url, username=f"eventbus-pub-{prefix}", password="pub-secret")
+    try:
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            await other.publish("elsewhere:x", "forged")
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            await other.get("any-key")
+    finally:
+        await other.aclose()
