@@ -6,8 +6,10 @@ See SECURITY.md for the trust boundary these tests hold the code to.
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 import redis
@@ -99,3 +101,73 @@ async def test_the_documented_redis_acl_is_enough_and_confines_the_bus(
             await other.get("any-key")
     finally:
         await other.aclose()
+
+
+# -- passwords in bus URLs ---------------------------------------------------------------------------
+
+SECRET = "s3cret-pw-4f9a"
+
+
+def closed_port() -> int:
+    from tests.websocket_support import free_port
+
+    return free_port()  # bound and released: nothing listens there
+
+
+@pytest.mark.parametrize("kind", ["redis", "postgres"])
+async def test_a_bus_password_is_in_no_exception_or_log_line(
+    kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    from django_eventbus.events import create_event_bus
+
+    port = closed_port()
+    url = (
+        f"redis://user:{SECRET}@127.0.0.1:{port}/0"
+        if kind == "redis"
+        else f"postgresql://postgres:{SECRET}@127.0.0.1:{port}/postgres"
+    )
+    config = {"backend": kind, "url": url} if kind == "redis" else {"backend": kind, "connection_string": url}
+    with caplog.at_level(logging.DEBUG):
+        bus = create_event_bus(config)
+        try:
+            with pytest.raises(Exception) as failure:  # noqa: B017 -- any error, as long as it is quiet
+                await asyncio.wait_for(bus.connect(), 20)
+        finally:
+            await bus.close()
+    seen = [repr(failure.value), str(failure.value), *(repr(e) for e in chain(failure.value))]
+    seen += [r.getMessage() + (caplog.text or "") for r in caplog.records]
+    assert not [text for text in seen if SECRET in text]
+
+
+def chain(exc: BaseException) -> list[BaseException]:
+    found = []
+    while exc.__cause__ or exc.__context__:
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+        found.append(exc)
+    return found
+
+
+@pytest.mark.django_db
+def test_a_bus_password_is_in_no_status_or_check_output(settings: Any) -> None:
+    from io import StringIO
+
+    from django.core.management import call_command
+    from django.core.management.base import CommandError, SystemCheckError
+
+    port = closed_port()
+    outputs = []
+    for bus in (
+        f"redis://user:{SECRET}@127.0.0.1:{port}/0",
+        f"redis://user:{SECRET}@127.0.0.1:notaport/0",
+        f"nosuch://user:{SECRET}@host/0",
+        {"backend": "redis", "url": f"redis://:{SECRET}@127.0.0.1:{port}/0", "nonsense": 1},
+    ):
+        settings.EVENTBUS = {**settings.EVENTBUS, "BUS": bus}
+        for command in ("eventbus_status", "check"):
+            out, err = StringIO(), StringIO()
+            try:
+                call_command(command, stdout=out, stderr=err)
+            except (CommandError, SystemCheckError, SystemExit) as exc:
+                outputs.append(str(exc))
+            outputs += [out.getvalue(), err.getvalue()]
+    assert outputs and not [text for text in outputs if SECRET in text]
