@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -171,3 +172,105 @@ def test_a_bus_password_is_in_no_status_or_check_output(settings: Any) -> None:
                 outputs.append(str(exc))
             outputs += [out.getvalue(), err.getvalue()]
     assert outputs and not [text for text in outputs if SECRET in text]
+
+
+# -- an excluded field's value, followed through every outlet ----------------------------------------
+
+HIDDEN = "hidden-7c1e-value"
+HIDDEN_TOO = "hidden-9d2b-update"
+
+
+async def test_an_excluded_value_reaches_no_outlet(use_bus: Any, transactional_db: Any) -> None:
+    """Shipment.secret is excluded (testproject settings): its values must not leave the model.
+
+    Followed through the log rows, the raw Redis messages, the websocket frames, the admin's
+    list and change pages and eventbus_listen's output, for a create, an update of the
+    secret and another field, and a delete (signal capture).
+    """
+    from channels.db import database_sync_to_async
+    from channels.testing import WebsocketCommunicator
+    from django.test import Client
+    from django.urls import reverse
+
+    from django_eventbus.models import StoredEvent
+    from django_eventbus.runtime import get_runner
+    from testproject.inventory.models import Product, Shipment
+    from tests.websocket_support import Server, make_user, stack_env, with_user
+
+    bus = use_bus("redis")["BUS"]
+    wire = redis.asyncio.Redis.from_url(bus["url"])
+    pubsub = wire.pubsub()
+    await pubsub.psubscribe(f"{bus['channel_prefix']}:*")
+    await pubsub.get_message(timeout=5)  # the psubscribe confirmation
+
+    def write() -> list[str]:
+        product = Product.objects.create(name="crate")
+        shipment = Shipment.objects.create(product=product, weight="1.5", secret=HIDDEN)
+        shipment.secret, shipment.weight = HIDDEN_TOO, "2.5"  # "changed" must name the weight only
+        shipment.save()
+        shipment.delete()
+        get_runner().flush()
+        rows = StoredEvent.objects.filter(topic="inventory:shipment").order_by("id")
+        return list(rows.values_list("event_id", flat=True))
+
+    ids = await database_sync_to_async(write)()
+    assert len(ids) == 3  # created, updated, deleted
+    seen: dict[str, list[str]] = {"log": [], "bus": [], "websocket": [], "admin": [], "listen": []}
+    seen["log"] = await database_sync_to_async(
+        lambda: [str(row) for row in StoredEvent.objects.values_list("payload", "metadata")]
+    )()
+
+    async with asyncio.timeout(10):
+        while len(seen["bus"]) < 4:  # the product's event, then the shipment's three
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1)
+            if message is not None:
+                seen["bus"].append(message["data"].decode())
+    await pubsub.aclose()
+    await wire.aclose()
+
+    admin = await database_sync_to_async(make_user)("admin", superuser=True)
+    ws = WebsocketCommunicator(with_user(admin), "/ws/events/")
+    assert (await ws.connect())[0]
+    try:
+        await ws.send_json_to({"type": "subscribe", "topic": "inventory:*", "since": ""})
+        while '"subscribed"' not in (seen["websocket"][-1] if seen["websocket"] else ""):
+            seen["websocket"].append(await ws.receive_from(timeout=5))
+    finally:
+        await ws.disconnect()
+
+    def admin_pages() -> list[str]:
+        client = Client()
+        client.force_login(admin)
+        pages = [reverse("admin:django_eventbus_storedevent_changelist")]
+        pages += [
+            reverse("admin:django_eventbus_storedevent_change", args=[pk])
+            for pk in StoredEvent.objects.values_list("pk", flat=True)
+        ]
+        return [client.get(page).content.decode() for page in pages]
+
+    seen["admin"] = await database_sync_to_async(admin_pages)()
+
+    env = await database_sync_to_async(stack_env)(bus_url=bus["url"], bus_prefix=bus["channel_prefix"])
+    listen = Server(
+        "listen",
+        [
+            sys.executable,
+            "manage.py",
+            "eventbus_listen",
+            "inventory:*",
+            "--json",
+            "--since",
+            "2000-01-01T00:00:00Z",
+        ],
+        env,
+    )
+    try:
+        await asyncio.to_thread(listen.wait_for_output, ids[-1])
+        seen["listen"] = [listen.output()]
+    finally:
+        listen.stop()
+
+    assert all(seen.values()), {k: len(v) for k, v in seen.items()}
+    assert ids[0] in seen["bus"][1] and ids[0] in "".join(seen["websocket"])  # they carry the events
+    leaks = {where: [t for t in texts if HIDDEN in t or HIDDEN_TOO in t] for where, texts in seen.items()}
+    assert leaks == {where: [] for where in seen}
