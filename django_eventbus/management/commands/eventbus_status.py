@@ -6,7 +6,7 @@ import json
 from datetime import datetime
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandParser
+from django.core.management.base import CommandParser
 from django.db import connections
 from django.utils import timezone
 
@@ -14,6 +14,7 @@ from django_eventbus.conf import conf
 from django_eventbus.consumers import get_consumers
 from django_eventbus.events.base import BaseEventBus
 from django_eventbus.events.bus import mask_secret
+from django_eventbus.management.base import EventbusCommand
 from django_eventbus.metrics import estimated_rows, get_stats
 from django_eventbus.models import ConsumerCursor, StoredEvent
 
@@ -23,7 +24,7 @@ LAG_SCAN_LIMIT = 10_000
 EXACT_COUNT_LIMIT = 100_000
 
 
-class Command(BaseCommand):
+class Command(EventbusCommand):
     help = (
         "Show the event bus backend and whether it connects, the size of the event log, this "
         "process's counters and, for each durable consumer, its cursor and lag."
