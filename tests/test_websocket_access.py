@@ -193,3 +193,22 @@ async def test_replay_reads_a_bounded_number_of_log_rows(connect: Any, settings:
         "replayed": 1,
         "last_event_id": ids[25],
     }
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "ok"),
+    [
+        ("WEBSOCKET_REAUTHORIZE_SECONDS", 0.5, True),
+        ("WEBSOCKET_REAUTHORIZE_SECONDS", 0, False),
+        ("WEBSOCKET_SUBSCRIBE_RATE", "10", False),
+        ("WEBSOCKET_MAX_CONNECTIONS_PER_USER", 1.5, False),
+        ("WEBSOCKET_REPLAY_SCAN_LIMIT", True, False),
+    ],
+)
+def test_the_limits_are_checked(settings: Any, key: str, value: Any, ok: bool) -> None:
+    from django_eventbus.channels.checks import check_channels
+
+    settings.EVENTBUS = {**settings.EVENTBUS, key: value}
+    errors = [m for m in check_channels() if m.id == "django_eventbus.E102"]
+    assert (errors == []) is ok, errors
+    assert ok or key in errors[0].msg
