@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from django.apps import apps
 from django.conf import settings
 from django.contrib import admin, messages
+from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
 from django.contrib.admin.views.main import ChangeList
 from django.core.paginator import Paginator
 from django.db import connections, models
@@ -347,7 +348,11 @@ class StoredEventAdmin(StoredEventAdminBase):
         Nothing is written to the log (the rows are already there): consumers that
         deduplicate by event id skip what they handled — durable consumers do — and
         every other subscriber (non-durable consumers, websockets) sees the event again.
+        A confirmation page first says what will be sent; only its POST (with CSRF
+        token, like every admin action) sends.
         """
+        if request.POST.get("post") != "yes":
+            return self.republish_confirmation(request, queryset)
         from .runtime import get_runner
 
         runner = get_runner()
@@ -367,6 +372,31 @@ class StoredEventAdmin(StoredEventAdminBase):
         logger.info("%s re-published %d event(s) from the admin", request.user, sent)
         self.message_user(request, f"Re-published {sent} event(s) with their original event ids.")
         return None
+
+    def republish_confirmation(
+        self, request: HttpRequest, queryset: QuerySet[StoredEvent]
+    ) -> TemplateResponse:
+        """What the action will send: how many events, on which topics, the first of them."""
+        rows = queryset.order_by("id")
+        topics = rows.order_by().values("topic").annotate(n=models.Count("id")).order_by("-n", "topic")
+        context = {
+            **self.admin_site.each_context(request),
+            "title": "Re-publish events?",
+            "opts": self.model._meta,
+            "count": rows.count(),
+            "topics": list(topics[: self.REPUBLISH_TOPICS_SHOWN]),
+            "sample": list(rows[: self.REPUBLISH_SAMPLE]),
+            "selected": request.POST.getlist(ACTION_CHECKBOX_NAME),
+            "select_across": request.POST.get("select_across") == "1",
+            "action_checkbox_name": ACTION_CHECKBOX_NAME,
+        }
+        return TemplateResponse(
+            request, "admin/django_eventbus/storedevent/republish_confirmation.html", context
+        )
+
+    #: Topics and events listed on the confirmation page.
+    REPUBLISH_TOPICS_SHOWN = 20
+    REPUBLISH_SAMPLE = 20
 
 
 async def _publish_many(bus: BaseEventBus, events: list[Event]) -> None:

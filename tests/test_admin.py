@@ -348,12 +348,52 @@ def test_view_permission_is_enough_to_read(events: list[StoredEvent]) -> None:
 # -- re-publish ---------------------------------------------------------------------------------
 
 
-def republish(client: Client, rows: list[StoredEvent]) -> Any:
-    return client.post(
-        CHANGELIST,
-        {"action": "republish", "_selected_action": [str(r.pk) for r in rows], "index": "0"},
-        follow=True,
-    )
+def republish(client: Client, rows: list[StoredEvent], confirmed: bool = True) -> Any:
+    """The action as the confirmation page's "Yes" button posts it (or, unconfirmed, as the list does)."""
+    data: dict[str, Any] = {"action": "republish", "_selected_action": [str(r.pk) for r in rows]}
+    data.update({"post": "yes"} if confirmed else {"index": "0"})
+    return client.post(CHANGELIST, data, follow=True)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_republish_shows_what_it_will_do_before_doing_it() -> None:
+    rows = [
+        make_row(topic="inventory:product"),
+        make_row(topic="<script>alert(1)</script>", payload={"x": "<script>alert(2)</script>"}),
+    ]
+    client = client_for(staff("django_eventbus.view_storedevent", "django_eventbus.republish_storedevent"))
+    with capture_events() as captured:
+        page = republish(client, rows, confirmed=False)
+        html = page.content.decode()
+        assert page.status_code == 200 and "Re-publish events?" in html
+        assert "Send <strong>2</strong> events" in html
+        assert rows[0].event_id in html and rows[1].event_id in html
+        assert "<script>alert(1)" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;: 1" in html
+        assert 'name="post" value="yes"' in html and "csrfmiddlewaretoken" in html
+        assert list(captured) == []  # nothing sent by the first POST
+        response = republish(client, rows)
+        captured.wait_for(2)
+    assert "Re-published 2 event(s)" in response.content.decode()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_republish_needs_a_post_with_the_csrf_token() -> None:
+    rows = [make_row()]
+    user = staff("django_eventbus.view_storedevent", "django_eventbus.republish_storedevent")
+    client = Client(enforce_csrf_checks=True)
+    client.force_login(user)
+    data = {"action": "republish", "_selected_action": [str(rows[0].pk)], "post": "yes"}
+    with capture_events() as captured:
+        client.get(CHANGELIST, data)  # a GET (a link, an <img>) sends nothing, whatever it answers
+        assert client.post(CHANGELIST, data).status_code == 403  # a forged cross-site POST
+        assert list(captured) == []
+        page = client.post(CHANGELIST, {**data, "post": "", "index": "0"}, follow=True)  # no token either
+        assert page.status_code == 403
+        client.get(CHANGELIST)  # the list sets the CSRF cookie, as a browser visit does
+        token = client.cookies["csrftoken"].value
+        response = client.post(CHANGELIST, {**data, "csrfmiddlewaretoken": token}, follow=True)
+        captured.wait_for(1)
+    assert "Re-published 1 event(s)" in response.content.decode()
 
 
 def test_republish_needs_its_permission(events: list[StoredEvent]) -> None:

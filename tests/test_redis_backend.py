@@ -449,6 +449,9 @@ async def test_garbage_on_a_channel_is_logged_counted_and_skipped(
         (f"{prefix}:x", b"\xff\xfe"),
         (f"{prefix}:y:1", "{}"),
         (f"{prefix}:y:\xff".encode("latin-1"), dumps_event(ev("y:1"))),  # channel name not UTF-8
+        # Nesting: RecursionError in the parser, or an event that parses but nests absurdly deep.
+        (f"{prefix}:x", "[" * 4000),
+        (f"{prefix}:x", '{"type": "created", "topic": "x", "payload": ' + "[" * 900 + "]" * 900 + "}"),
     ]
     try:
         with caplog.at_level(logging.WARNING, logger="django_eventbus"):

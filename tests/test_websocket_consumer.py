@@ -271,6 +271,10 @@ BAD_FRAMES = [
     ('{"type": "subscribe", "topic": "inventory:product", "since": "' + "x" * 65 + '"}', "invalid_since"),
     ('{"type": "unsubscribe"}', "missing_topic"),
     ('{"type": "unsubscribe", "topic": "never:subscribed"}', "not_subscribed"),
+    # json.loads raises RecursionError, not ValueError, past ~1,000 levels; and a frame that
+    # parses just under that is no protocol frame either.
+    ("[" * 4000, "invalid_json"),
+    ('{"type": "subscribe", "topic": "a", "x": ' + "[" * 900 + "]" * 900 + "}", "invalid_json"),
 ]
 
 

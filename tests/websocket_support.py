@@ -32,11 +32,14 @@ REPO = Path(__file__).resolve().parent.parent
 _consumer_app = EventsConsumer.as_asgi()
 
 
-def with_user(user: Any) -> Callable[..., Any]:
-    """The websocket consumer as an ASGI app whose scope carries ``user``."""
+def with_user(user: Any, client: str | None = None) -> Callable[..., Any]:
+    """The websocket consumer as an ASGI app whose scope carries ``user`` (and the client address)."""
+    extra: dict[str, Any] = {"user": user}
+    if client is not None:
+        extra["client"] = [client, 50000]
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> Any:
-        return await _consumer_app({**scope, "user": user}, receive, send)
+        return await _consumer_app({**scope, **extra}, receive, send)
 
     return app
 

@@ -32,7 +32,7 @@ from typing import Any
 
 from django_eventbus.events import Event
 
-from .groups import ALL_GROUP, group_name, groups_for_topic, prefix_group_name, subscription_group
+from .groups import ALL_GROUP, group_name, groups_for_topic, prefix_group_name, subscription_group, user_group
 
 __all__ = [
     "ALL_GROUP",
@@ -44,6 +44,7 @@ __all__ = [
     "prefix_group_name",
     "setup",
     "subscription_group",
+    "user_group",
 ]
 
 #: Name of the registered forwarding consumer.
@@ -80,8 +81,10 @@ def setup() -> None:
     from django_eventbus.consumers import Consumer, register, unregister
 
     from .checks import check_channels
+    from .revocation import connect_receivers
 
     checks.register(check_channels, checks.Tags.compatibility)
+    connect_receivers()
     setting_changed.connect(_on_setting_changed, dispatch_uid="django_eventbus.channels")
     if enabled():
         register(Consumer(name=CONSUMER_NAME, pattern="*", func=_forward, durable=False))

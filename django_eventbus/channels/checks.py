@@ -17,7 +17,12 @@ _LIMITS = (
     "WEBSOCKET_MAX_TOPIC_LENGTH",
     "WEBSOCKET_MAX_FRAME_BYTES",
     "WEBSOCKET_REPLAY_LIMIT",
+    "WEBSOCKET_REPLAY_SCAN_LIMIT",
+    "WEBSOCKET_MAX_CONNECTIONS_PER_USER",
+    "WEBSOCKET_MAX_CONNECTIONS_PER_ADDRESS",
 )
+#: Limits that may be fractions (seconds, frames per second).
+_RATES = ("WEBSOCKET_REAUTHORIZE_SECONDS", "WEBSOCKET_SUBSCRIBE_RATE")
 
 
 def check_channels(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any) -> list[CheckMessage]:
@@ -44,6 +49,14 @@ def check_channels(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
                     f"EVENTBUS[{key!r}] must be a positive integer, got {value!r}.",
                     id="django_eventbus.E102",
                 )
+            )
+    for key in _RATES:
+        value = conf.get(key)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+            messages.append(
+                Error(
+                    f"EVENTBUS[{key!r}] must be a positive number, got {value!r}.", id="django_eventbus.E102"
+                ),
             )
     messages += _check_redis_channel_layer_timeouts()
     from . import enabled

@@ -31,9 +31,21 @@ lost connection, misses nothing. Error codes: ``invalid_json``, ``invalid_messag
 ``invalid_since``, ``frame_too_large``, ``binary_frame``,
 ``too_many_subscriptions``, ``forbidden``, ``not_subscribed``, ``since_unknown``
 (the subscription is live, but the events before it cannot be replayed),
-``replay_limit`` (more missed events than ``WEBSOCKET_REPLAY_LIMIT``: the first
-ones were sent; reload the page's data) and ``unavailable`` (no channel layer).
+``replay_limit`` (more missed events than ``WEBSOCKET_REPLAY_LIMIT``, or more log
+rows to read than ``WEBSOCKET_REPLAY_SCAN_LIMIT``: the first ones were sent; reload
+the page's data), ``rate_limited`` (more subscribe frames than
+``WEBSOCKET_SUBSCRIBE_RATE`` per second) and ``unavailable`` (no channel layer).
 The socket stays open after every error.
+
+Access is checked again while the socket is open: every
+``WEBSOCKET_REAUTHORIZE_SECONDS`` each subscription is re-authorized with the user
+as the database has it now, and one no longer allowed ends with a ``forbidden``
+error frame (the socket stays open). Logging out or deactivating the user closes
+the user's sockets at once, in every server process (see
+:mod:`~django_eventbus.channels.revocation`): a ``revoked`` error frame, then close
+code :data:`CLOSE_REVOKED`. A connection over ``WEBSOCKET_MAX_CONNECTIONS_PER_USER``
+or ``WEBSOCKET_MAX_CONNECTIONS_PER_ADDRESS`` (counted per server process) gets a
+``too_many_connections`` error frame and close code :data:`CLOSE_TOO_MANY_CONNECTIONS`.
 """
 
 from __future__ import annotations
@@ -41,8 +53,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import fnmatch
-import json
 import re
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -52,15 +64,28 @@ from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
 from django_eventbus.conf import conf
 from django_eventbus.events import Event
-from django_eventbus.events.codec import dumps
+from django_eventbus.events.codec import dumps, loads
 from django_eventbus.events.dispatch import topic_matches
 from django_eventbus.models import StoredEvent
 
 from .auth import may_see, may_subscribe
 from .forwarding import note_server_loop
-from .groups import is_pattern, literal_head, subscription_group
+from .groups import is_pattern, literal_head, subscription_group, user_group
 
-__all__ = ["EventsConsumer"]
+__all__ = ["CLOSE_REVOKED", "CLOSE_TOO_MANY_CONNECTIONS", "EventsConsumer"]
+
+#: Close code after the user logged out or was deactivated (4000-4999: for applications).
+CLOSE_REVOKED = 4401
+#: Close code of a connection over the per-user or per-address limit.
+CLOSE_TOO_MANY_CONNECTIONS = 4429
+#: Deepest nesting accepted in a client frame: the protocol's frames are flat objects.
+MAX_FRAME_DEPTH = 8
+#: The message a socket sends itself to re-authorize between client frames, never during one.
+REAUTHORIZE_MESSAGE_TYPE = "eventbus.reauthorize"
+
+# Open sockets of this process per user pk and per client address.
+_open_by_user: collections.Counter[Any] = collections.Counter()
+_open_by_address: collections.Counter[str] = collections.Counter()
 
 #: Event ids remembered per connection to send each event once (replay vs live,
 #: and an event reaching two of the connection's groups).
@@ -163,10 +188,16 @@ class EventsConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]  # chann
         self._group_refs: collections.Counter[str] = collections.Counter()
         self._allowed: collections.OrderedDict[str, bool] = collections.OrderedDict()
         self._recent: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._user: Any = None
+        self._counted: tuple[Any, str | None] | None = None
+        self._reauthorizer: asyncio.Task[None] | None = None
+        self._tokens = 0.0
+        self._tokens_at = 0.0
 
     @property
     def user(self) -> Any:
-        return self.scope.get("user")
+        """The user as last authorized (refreshed from the database at each re-authorization)."""
+        return self._user if self._user is not None else self.scope.get("user")
 
     # -- connection ------------------------------------------------------------------
 
@@ -174,8 +205,49 @@ class EventsConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]  # chann
         # The forwarder needs this loop to reach an InMemoryChannelLayer (see forwarding).
         note_server_loop(asyncio.get_running_loop())
         await self.accept()
+        user = self.scope.get("user")
+        pk = user.pk if getattr(user, "is_authenticated", False) else None
+        client = self.scope.get("client")
+        address = str(client[0]) if client else None
+        per_user = int(conf.get("WEBSOCKET_MAX_CONNECTIONS_PER_USER"))
+        per_address = int(conf.get("WEBSOCKET_MAX_CONNECTIONS_PER_ADDRESS"))
+        if (pk is not None and _open_by_user[pk] >= per_user) or (
+            address is not None and _open_by_address[address] >= per_address
+        ):
+            # Accepted first so the client sees why (a refused handshake is a bare HTTP 403).
+            await self.send_error(
+                "too_many_connections",
+                f"at most {per_user} sockets per user and {per_address} per address; close another one",
+            )
+            await self.close(code=CLOSE_TOO_MANY_CONNECTIONS)
+            return
+        self._counted = (pk, address)
+        if pk is not None:
+            _open_by_user[pk] += 1
+        if address is not None:
+            _open_by_address[address] += 1
+        self._tokens = max(
+            float(conf.get("WEBSOCKET_SUBSCRIBE_RATE")), float(conf.get("WEBSOCKET_MAX_SUBSCRIPTIONS"))
+        )
+        self._tokens_at = time.monotonic()
+        if self.channel_layer is not None and pk is not None:
+            await self.channel_layer.group_add(user_group(pk), self.channel_name)
+            self._reauthorizer = asyncio.create_task(self._reauthorize_periodically())
 
     async def disconnect(self, code: int) -> None:
+        if self._reauthorizer is not None:
+            self._reauthorizer.cancel()
+            self._reauthorizer = None
+        if self._counted is not None:
+            pk, address = self._counted
+            self._counted = None
+            for counter, key in ((_open_by_user, pk), (_open_by_address, address)):
+                if key is not None:
+                    counter[key] -= 1
+                    if counter[key] <= 0:
+                        del counter[key]
+            if self.channel_layer is not None and pk is not None:
+                await self.channel_layer.group_discard(user_group(pk), self.channel_name)
         if self.channel_layer is not None:
             for group in list(self._group_refs):
                 await self.channel_layer.group_discard(group, self.channel_name)
@@ -205,9 +277,9 @@ class EventsConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]  # chann
             if len(text_data) > limit or (len(text_data) * 4 > limit and len(text_data.encode()) > limit):
                 raise ProtocolError("frame_too_large", f"a frame has at most {limit} bytes")
             try:
-                content = json.loads(text_data)
+                content = loads(text_data, max_depth=MAX_FRAME_DEPTH)
             except ValueError as exc:
-                raise ProtocolError("invalid_json", f"the frame is not JSON: {exc}") from None
+                raise ProtocolError("invalid_json", f"the frame is not a flat JSON object: {exc}") from None
             await self.receive_json(content)
         except ProtocolError as exc:
             await self.send_error(exc.code, exc.message, exc.topic)
@@ -231,7 +303,24 @@ class EventsConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]  # chann
 
     # -- subscribe / unsubscribe ---------------------------------------------------------
 
+    def _take_token(self) -> bool:
+        """Token bucket of subscribe frames: refilled at ``WEBSOCKET_SUBSCRIBE_RATE`` per second, with
+        a burst of a second's worth or ``WEBSOCKET_MAX_SUBSCRIPTIONS`` (a page opening all its
+        subscriptions at once), whichever is more."""
+        now = time.monotonic()
+        rate = float(conf.get("WEBSOCKET_SUBSCRIBE_RATE"))
+        burst = max(rate, float(conf.get("WEBSOCKET_MAX_SUBSCRIPTIONS")))
+        self._tokens = min(burst, self._tokens + (now - self._tokens_at) * rate)
+        self._tokens_at = now
+        if self._tokens < 1.0:
+            return False
+        self._tokens -= 1.0
+        return True
+
     async def subscribe(self, content: dict[str, Any]) -> None:
+        if not self._take_token():
+            rate = conf.get("WEBSOCKET_SUBSCRIBE_RATE")
+            raise ProtocolError("rate_limited", f"at most {rate} subscribe frames per second; slow down")
         topic = validate_topic(content.get("topic"))
         since = content.get("since")
         if since is not None and (not isinstance(since, str) or len(since) > MAX_SINCE_LENGTH):
@@ -281,15 +370,47 @@ class EventsConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]  # chann
 
     async def unsubscribe(self, content: dict[str, Any]) -> None:
         topic = validate_topic(content.get("topic"))
-        subscription = self.subscriptions.pop(topic, None)
-        if subscription is None:
+        if topic not in self.subscriptions:
             raise ProtocolError("not_subscribed", f"not subscribed to {topic!r}", topic)
+        await self._drop(topic)
+        await self.send(text_data=dumps({"type": "unsubscribed", "topic": topic}))
+
+    # -- access revoked -------------------------------------------------------------------
+
+    async def _reauthorize_periodically(self) -> None:
+        # Only a trigger: the work happens in eventbus_reauthorize, dispatched like any
+        # other message, so it never interleaves with a subscribe half done.
+        while True:
+            await asyncio.sleep(float(conf.get("WEBSOCKET_REAUTHORIZE_SECONDS")))
+            if self.subscriptions and self.channel_layer is not None:
+                await self.channel_layer.send(self.channel_name, {"type": REAUTHORIZE_MESSAGE_TYPE})
+
+    async def eventbus_reauthorize(self, message: dict[str, Any]) -> None:
+        """Check every subscription again with the user as the database has it now."""
+        subscriptions = [(s.topic, s.pattern) for s in self.subscriptions.values()]
+        user, allowed = await database_sync_to_async(_reauthorize)(self.user, subscriptions)
+        self._user = user
+        self._allowed.clear()  # topic decisions of pattern subscriptions are taken again
+        for topic, ok in zip(subscriptions, allowed, strict=True):
+            if not ok and topic[0] in self.subscriptions:
+                await self._drop(topic[0])
+                await self.send_error(
+                    "forbidden", f"you may no longer see these events ({topic[0]})", topic[0]
+                )
+
+    async def eventbus_revoke(self, message: dict[str, Any]) -> None:
+        """The user logged out or was deactivated (message type ``eventbus.revoke``)."""
+        reason = message.get("reason") if isinstance(message.get("reason"), str) else "access revoked"
+        await self.send_error("revoked", f"{reason}: this socket is closed; log in again")
+        await self.close(code=CLOSE_REVOKED)
+
+    async def _drop(self, topic: str) -> None:
+        subscription = self.subscriptions.pop(topic)
         self._group_refs[subscription.group] -= 1
         if self._group_refs[subscription.group] <= 0:
             del self._group_refs[subscription.group]
             if self.channel_layer is not None:
                 await self.channel_layer.group_discard(subscription.group, self.channel_name)
-        await self.send(text_data=dumps({"type": "unsubscribed", "topic": topic}))
 
     # -- events ---------------------------------------------------------------------------
 
@@ -314,8 +435,9 @@ class EventsConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]  # chann
         Returns how many were sent and the id to resume from (the last one read).
         """
         limit = int(conf.get("WEBSOCKET_REPLAY_LIMIT"))
-        events, truncated = await database_sync_to_async(_read_after)(
-            subscription.topic, subscription.pattern, position, limit
+        scan_limit = int(conf.get("WEBSOCKET_REPLAY_SCAN_LIMIT"))
+        events, truncated, scanned_to = await database_sync_to_async(_read_after)(
+            subscription.topic, subscription.pattern, position, limit, scan_limit
         )
         allowed = await self._may_see({e.topic for e in events})
         sent = 0
@@ -325,6 +447,15 @@ class EventsConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]  # chann
             self._remember_sent(event.event_id)
             await self.send(text_data=_event_frame(event.to_dict()))
             sent += 1
+        if scanned_to is not None:
+            # Resuming from the last row read (not the last event sent) lets a client page on.
+            await self.send_error(
+                "replay_limit",
+                f"more than {scan_limit} logged events to read: the matching ones among the first "
+                f"{scan_limit} were sent; reload the data",
+                subscription.topic,
+            )
+            return sent, scanned_to
         if truncated:
             await self.send_error(
                 "replay_limit",
@@ -363,6 +494,17 @@ class EventsConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]  # chann
 # -- database access (sync, through database_sync_to_async) -------------------------------------
 
 
+def _reauthorize(user: Any, subscriptions: list[tuple[str, bool]]) -> tuple[Any, list[bool]]:
+    """The user reloaded from the database (anonymous if deleted), and which subscriptions it may keep."""
+    if getattr(user, "is_authenticated", False):
+        from django.contrib.auth import get_user_model
+        from django.contrib.auth.models import AnonymousUser
+
+        # A fresh instance: no cached permissions, the current is_active.
+        user = get_user_model()._default_manager.filter(pk=user.pk).first() or AnonymousUser()
+    return user, [may_subscribe(user, topic, pattern) for topic, pattern in subscriptions]
+
+
 def _decide(user: Any, topics: list[str]) -> dict[str, bool]:
     return {topic: may_see(user, topic) for topic in topics}
 
@@ -395,9 +537,12 @@ def _start_position(since: str | None) -> tuple[int, str] | None:
     return rows.filter(event_id=since).first()
 
 
-def _read_after(topic: str, pattern: bool, position: int, limit: int) -> tuple[list[Event], bool]:
+def _read_after(
+    topic: str, pattern: bool, position: int, limit: int, scan_limit: int
+) -> tuple[list[Event], bool, str | None]:
     """Up to ``limit`` logged events after ``position`` matching the subscription, in log order,
-    and whether there were more."""
+    whether there were more, and the event id of the last row read if reading stopped at
+    ``scan_limit`` rows (a pattern like ``*z`` must not read the whole log per subscribe)."""
     rows = StoredEvent.objects.order_by("id")
     if not pattern:
         rows = rows.filter(topic=topic)
@@ -405,13 +550,18 @@ def _read_after(topic: str, pattern: bool, position: int, limit: int) -> tuple[l
         # A superset (LIKE ignores ASCII case on SQLite): topic_matches decides below.
         rows = rows.filter(topic__startswith=literal_head(topic))
     events: list[Event] = []
+    scanned = 0
     while True:
-        batch = list(rows.filter(id__gt=position)[:REPLAY_BATCH])
+        batch = list(rows.filter(id__gt=position)[: min(REPLAY_BATCH, scan_limit - scanned)])
         for row in batch:
             if not pattern or topic_matches(topic, row.topic):
                 if len(events) == limit:
-                    return events, True
+                    return events, True, None
                 events.append(row.to_event())
-        if len(batch) < REPLAY_BATCH:
-            return events, False
+        scanned += len(batch)
+        if len(batch) < REPLAY_BATCH and scanned < scan_limit:
+            return events, False, None
+        if scanned >= scan_limit:
+            more = rows.filter(id__gt=batch[-1].id).exists() if batch else False
+            return events, False, batch[-1].event_id if more else None
         position = batch[-1].id

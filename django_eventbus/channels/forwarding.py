@@ -35,7 +35,14 @@ from django_eventbus.events import Event
 from . import MESSAGE_TYPE
 from .groups import groups_for_topic
 
-__all__ = ["MESSAGE_TYPE", "event_message", "forward", "note_server_loop", "uses_in_memory_layer"]
+__all__ = [
+    "MESSAGE_TYPE",
+    "event_message",
+    "forward",
+    "note_server_loop",
+    "send_to_groups",
+    "uses_in_memory_layer",
+]
 
 logger = logging.getLogger("django_eventbus.channels")
 
@@ -82,8 +89,12 @@ async def forward(event: Event, layer: Any = None) -> None:
     """
     if not conf.get("CHANNELS"):
         return
-    message = event_message(event)
-    groups = groups_for_topic(event.topic)
+    await send_to_groups(groups_for_topic(event.topic), event_message(event), layer)
+
+
+async def send_to_groups(groups: tuple[str, ...], message: dict[str, Any], layer: Any = None) -> None:
+    """``group_send`` of ``message`` to ``groups`` on ``layer`` (default: the default layer),
+    bridged to the server loop for an in-memory layer (see the module docstring)."""
     if layer is None and uses_in_memory_layer():
         await _forward_in_memory(groups, message)
         return
@@ -128,8 +139,9 @@ async def _forward_in_memory(groups: tuple[str, ...], message: dict[str, Any]) -
     except asyncio.TimeoutError:
         # A server loop that does not run for seconds has bigger problems; retrying
         # would only pile up more work on it.
+        event = message.get("event")
         logger.warning(
-            "the ASGI server loop did not take event %s within %.0fs: not forwarded",
-            message["event"]["event_id"],
+            "the ASGI server loop did not take %s within %.0fs: not forwarded",
+            f"event {event['event_id']}" if isinstance(event, dict) else f"a {message['type']} message",
             BRIDGE_TIMEOUT,
         )

@@ -24,6 +24,10 @@ group                  receives                         joined for the subscript
 ``eventbus.all``       every event                      ``*``
 =====================  ===============================  ===============================
 
+Every socket of an authenticated user also joins ``eventbus.u.<enc of the user's pk>``
+(:func:`user_group`): logging out or deactivating the user closes them through it,
+in every server process.
+
 An event on ``a:b:c`` is sent to the groups of ``a:b:c``, ``a:b:*``, ``a:*`` and
 ``*``: one per colon-terminated prefix (the first :data:`MAX_PREFIX_DEPTH`),
 so a subscriber of ``inventory:*`` receives ``inventory:product`` and
@@ -53,6 +57,7 @@ __all__ = [
     "literal_head",
     "prefix_group_name",
     "subscription_group",
+    "user_group",
 ]
 
 #: Channels requires ``len(name) < 100``.
@@ -167,3 +172,8 @@ def subscription_group(topic_or_pattern: str) -> str:
         return group_name(topic_or_pattern)
     prefixes = _colon_prefixes(literal_head(topic_or_pattern))
     return prefix_group_name(prefixes[-1]) if prefixes else ALL_GROUP
+
+
+def user_group(pk: object) -> str:
+    """The group every websocket of the user with primary key ``pk`` joins (to close them all)."""
+    return _name("u", str(pk))

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import importlib
+import re
 from collections.abc import Mapping
 from typing import Any, Protocol, runtime_checkable
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from .errors import BackendNotInstalledError
 from .types import Event, Handler, Subscription
 
-__all__ = ["BACKENDS", "EventBus", "create_event_bus", "parse_bus_url", "resolve_backend"]
+__all__ = ["BACKENDS", "EventBus", "create_event_bus", "mask_secret", "parse_bus_url", "resolve_backend"]
 
 
 @runtime_checkable
@@ -47,13 +48,26 @@ _URL_SCHEMES = {
 }
 
 
+def mask_secret(target: str) -> str:
+    """Hide the password of a URL (``scheme://user:***@host``) or libpq conninfo (``password=***``)."""
+    if "://" in target:
+        parts = urlsplit(target)
+        # From the netloc text, not parts.port: a malformed port must not turn into a traceback.
+        userinfo, at, hostport = parts.netloc.rpartition("@")
+        if at and ":" in userinfo:
+            netloc = f"{userinfo.split(':', 1)[0]}:***@{hostport}"
+            return urlunsplit(parts._replace(netloc=netloc))
+        return target
+    return re.sub(r"(password\s*=\s*)('[^']*'|\S+)", r"\1***", target)
+
+
 def parse_bus_url(url: str) -> dict[str, Any]:
     """``memory://``, ``redis://…``, ``rediss://…``, ``postgres(ql)://…`` -> a config dict."""
     scheme = urlsplit(url).scheme.lower()
     backend = _URL_SCHEMES.get(scheme)
     if backend is None:
         raise ValueError(
-            f"unknown event bus URL scheme {scheme!r} in {url!r}; use one of "
+            f"unknown event bus URL scheme {scheme!r} in {mask_secret(url)!r}; use one of "
             + ", ".join(f"{s}://" for s in _URL_SCHEMES)
         )
     if backend == "memory":

@@ -18,7 +18,23 @@ from typing import Any
 from .errors import EventSerializationError
 from .types import Event
 
-__all__ = ["check_event", "dumps", "dumps_event", "duration_iso_string", "loads_event", "to_jsonable"]
+__all__ = [
+    "MAX_DEPTH",
+    "check_event",
+    "dumps",
+    "dumps_event",
+    "duration_iso_string",
+    "loads",
+    "loads_event",
+    "to_jsonable",
+]
+
+#: Deepest nesting of arrays and objects :func:`loads` accepts. An event's payload sits
+#: two levels down; model payloads use four. Deeper input is hostile or broken: the C
+#: parser itself raises ``RecursionError`` (not ``ValueError``) a little below 1,000,
+#: and a value that parses just under that still overflows the stack later, in code
+#: that walks it recursively (freezing, encoding, templates).
+MAX_DEPTH = 64
 
 
 def check_event(event: Event) -> None:
@@ -44,14 +60,45 @@ def dumps_event(event: Event) -> str:
     return dumps(event.to_dict())
 
 
+def loads(data: str | bytes, max_depth: int = MAX_DEPTH) -> Any:
+    """``json.loads`` for untrusted input: ``ValueError`` for anything that is not JSON
+    nested at most ``max_depth`` deep (never ``RecursionError``)."""
+    try:
+        value = json.loads(data)
+    except RecursionError:
+        raise ValueError(f"not JSON: nested deeper than {max_depth} levels") from None
+    except (TypeError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"not JSON: {exc}") from exc
+    # Counting brackets runs at C speed; only input with enough of them to be too deep is walked.
+    if isinstance(data, str):
+        brackets = data.count("[") + data.count("{")
+    else:
+        brackets = data.count(b"[") + data.count(b"{")
+    if brackets > max_depth and _deeper_than(value, max_depth):
+        raise ValueError(f"not JSON: nested deeper than {max_depth} levels")
+    return value
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    # Iterative on purpose: the point is to never recurse as deep as the input.
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            item = item.values()
+        elif not isinstance(item, list):
+            continue
+        if depth >= limit:
+            return True
+        stack.extend((child, depth + 1) for child in item)
+    return False
+
+
 def loads_event(data: str | bytes | Mapping[str, Any]) -> Event:
     """Decode what :func:`dumps_event` produced; ``ValueError`` on anything else."""
     if isinstance(data, Mapping):
         return Event.from_dict(data)
-    try:
-        decoded = json.loads(data)
-    except (TypeError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise ValueError(f"not JSON: {exc}") from exc
+    decoded = loads(data)
     if not isinstance(decoded, dict):
         raise ValueError(f"not an event object: {type(decoded).__name__}")
     return Event.from_dict(decoded)

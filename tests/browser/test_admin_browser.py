@@ -218,6 +218,13 @@ def test_follow_live(page: Page, daphne_url: str, admin_user: User, log: list[St
             "the Channels forwarder is not registered: apps.ready() does not call channels.setup() yet"
         )
 
+    dialogs: list[str] = []
+
+    def on_dialog(dialog: Dialog) -> None:  # an alert() would mean markup in a payload ran
+        dialogs.append(dialog.message)
+        dialog.dismiss()
+
+    page.on("dialog", on_dialog)
     log_in(page, daphne_url)
     page.evaluate("localStorage.clear()")
     page.click("#eventbus-live-toggle")
@@ -227,7 +234,7 @@ def test_follow_live(page: Page, daphne_url: str, admin_user: User, log: list[St
     # Another tab of the same user changes a tracked model: its event appears in the list.
     other = page.context.new_page()
     other.goto(f"{daphne_url}/admin/inventory/product/add/")
-    other.fill("#id_name", "Live <b>widget</b>")
+    other.fill("#id_name", "Live <b>widget</b><script>alert(1)</script><img src=x onerror=alert(2)>")
     other.fill("#id_price", "9.99")
     other.fill("#id_stock", "2")
     other.click("input[name=_save]")
@@ -239,12 +246,14 @@ def test_follow_live(page: Page, daphne_url: str, admin_user: User, log: list[St
     expect(row.locator("td.field-type")).to_have_text("Created")
     expect(row.locator("td.field-short_payload")).to_contain_text('"name": "Live <b>')  # as text,
     expect(row.locator("td.field-short_payload b")).to_have_count(0)  # not as HTML
+    expect(row.locator("td.field-short_payload img, td.field-short_payload script")).to_have_count(0)
     expect(page.locator("#result_list tbody tr")).to_have_count(13)
     shot(page, "05-follow-live")
 
     # The row links to the event's detail page (by event id: live rows have no log id).
     row.locator("th.field-time a").click()
-    expect(page.locator("pre.eventbus-json").first).to_contain_text("Live <b>widget</b>")
+    expect(page.locator("pre.eventbus-json").first).to_contain_text("Live <b>widget</b><script>alert(1)")
+    assert dialogs == []  # neither the live row nor the detail page ran the payload's markup
 
     # Switched off, it stays off after a reload.
     page.go_back()

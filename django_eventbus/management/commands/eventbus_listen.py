@@ -9,7 +9,7 @@ import sys
 from typing import Any
 
 from asgiref.sync import sync_to_async
-from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.management.base import CommandError, CommandParser
 
 from django_eventbus.conf import conf
 from django_eventbus.consumers import Consumer, get_consumers
@@ -17,6 +17,7 @@ from django_eventbus.events import Event, create_event_bus
 from django_eventbus.events.base import BaseEventBus
 from django_eventbus.events.codec import dumps
 from django_eventbus.listener import Listener, position_for_since
+from django_eventbus.management.base import EventbusCommand
 from django_eventbus.metrics import register_bus
 
 
@@ -29,7 +30,7 @@ def format_line(event: Event, width: int = 100) -> str:
     return f"{stamp} {event.type.value:<11} {event.topic} {event.event_id} {payload}"
 
 
-class Command(BaseCommand):
+class Command(EventbusCommand):
     help = (
         "Listen to the event bus. With TOPIC_OR_PATTERN arguments, print matching events "
         "(one line each, or --json); without, run the registered consumers."

@@ -14,12 +14,13 @@ import time
 from datetime import datetime, timedelta
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.management.base import CommandError, CommandParser
 from django.db import transaction
 from django.db.models import QuerySet
 from django.utils import timezone
 
 from django_eventbus.conf import conf
+from django_eventbus.management.base import EventbusCommand
 from django_eventbus.models import ConsumerCursor, DeadLetter, StoredEvent
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -37,7 +38,7 @@ def parse_duration(text: str) -> timedelta:
     return timedelta(seconds=int(match.group(1)) * _UNITS[match.group(2) or "s"])
 
 
-class Command(BaseCommand):
+class Command(EventbusCommand):
     help = (
         "Delete old events from the event log (default: older than EVENTBUS['RETENTION']), in small "
         "batches, never deleting events a durable consumer has not handled yet unless --force."

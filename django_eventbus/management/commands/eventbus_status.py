@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import json
-import re
 from datetime import datetime
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
-from django.core.management.base import BaseCommand, CommandParser
+from django.core.management.base import CommandParser
 from django.db import connections
 from django.utils import timezone
 
 from django_eventbus.conf import conf
 from django_eventbus.consumers import get_consumers
 from django_eventbus.events.base import BaseEventBus
+from django_eventbus.events.bus import mask_secret
+from django_eventbus.management.base import EventbusCommand
 from django_eventbus.metrics import estimated_rows, get_stats
 from django_eventbus.models import ConsumerCursor, StoredEvent
 
@@ -24,7 +24,7 @@ LAG_SCAN_LIMIT = 10_000
 EXACT_COUNT_LIMIT = 100_000
 
 
-class Command(BaseCommand):
+class Command(EventbusCommand):
     help = (
         "Show the event bus backend and whether it connects, the size of the event log, this "
         "process's counters and, for each durable consumer, its cursor and lag."
@@ -96,19 +96,6 @@ def describe_target(config: dict[str, Any], django_database: bool, alias: str) -
     if config.get("host"):
         return f"{config['host']}:{config.get('port', '')}".rstrip(":")
     return None
-
-
-def mask_secret(target: str) -> str:
-    """Hide the password of a URL (``scheme://user:***@host``) or libpq conninfo (``password=***``)."""
-    if "://" in target:
-        parts = urlsplit(target)
-        if parts.password:
-            netloc = f"{parts.username or ''}:***@{parts.hostname or ''}"
-            if parts.port:
-                netloc += f":{parts.port}"
-            return urlunsplit(parts._replace(netloc=netloc))
-        return target
-    return re.sub(r"(password\s*=\s*)('[^']*'|\S+)", r"\1***", target)
 
 
 def log_status(using: str) -> dict[str, Any]:

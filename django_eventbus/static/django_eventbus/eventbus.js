@@ -61,6 +61,10 @@ function socketUrl(url) {
   return scheme + "//" + window.location.host + url;
 }
 
+// Close codes of the server (django_eventbus.channels.consumer).
+const CLOSE_REVOKED = 4401;
+const CLOSE_TOO_MANY_CONNECTIONS = 4429;
+
 export class EventBusClient {
   /**
    * @param {string} url  "/ws/events/" or "wss://host/ws/events/"
@@ -145,9 +149,17 @@ export class EventBusClient {
       for (const topic of this._subscriptions.keys()) this._sendSubscribe(topic);
     };
     socket.onmessage = (message) => this._receive(message.data);
-    socket.onclose = () => {
+    socket.onclose = (event) => {
       if (this._socket !== socket) return;
       this._socket = null;
+      if (event.code === CLOSE_REVOKED) {
+        // Logged out or deactivated (the "revoked" error frame came first): coming back
+        // would only be refused; the page has to log in again.
+        this._stopped = true;
+      } else if (event.code === CLOSE_TOO_MANY_CONNECTIONS) {
+        // The socket had opened (resetting the backoff): wait the longest delay instead.
+        this._attempt = Math.max(this._attempt, Math.ceil(Math.log2(this.maxDelay / this.minDelay)));
+      }
       if (this._stopped) {
         this._setStatus("closed");
       } else {
