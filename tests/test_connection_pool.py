@@ -81,9 +81,12 @@ async def frames_until(ws: ClientConnection, kind: str) -> list[dict[str, Any]]:
 
 async def test_many_sockets_share_the_pool_and_events_still_flow(pooled: tuple[int, str]) -> None:
     port, application_name = pooled
-    cookie = await orm(lambda: session_cookie(make_user("admin", superuser=True)))()
+    # Four users, ten sockets each: under the per-user connection limit (20 by default).
+    cookies = [
+        await orm(lambda i=i: session_cookie(make_user(f"admin{i}", superuser=True)))() for i in range(4)
+    ]
     await orm(lambda: Product.objects.create(name="before", stock=1))()
-    sockets = await asyncio.gather(*(open_socket(port, cookie) for _ in range(SOCKETS)))
+    sockets = await asyncio.gather(*(open_socket(port, cookies[i % 4]) for i in range(SOCKETS)))
     try:
         # Each socket's session lookup and replay went through the database.
         for ws in sockets:
