@@ -102,10 +102,10 @@ def mask_secret(target: str) -> str:
     """Hide the password of a URL (``scheme://user:***@host``) or libpq conninfo (``password=***``)."""
     if "://" in target:
         parts = urlsplit(target)
-        if parts.password:
-            netloc = f"{parts.username or ''}:***@{parts.hostname or ''}"
-            if parts.port:
-                netloc += f":{parts.port}"
+        userinfo, at, hosts = parts.netloc.rpartition("@")
+        if at and ":" in userinfo:
+            # The host part is kept as written: a sentinel URL lists several host:port pairs.
+            netloc = f"{userinfo.partition(':')[0]}:***@{hosts}"
             return urlunsplit(parts._replace(netloc=netloc))
         return target
     return re.sub(r"(password\s*=\s*)('[^']*'|\S+)", r"\1***", target)
