@@ -169,7 +169,10 @@ async def test_listen_through_pgbouncer_in_transaction_mode_receives_nothing(
     assert through_pooler == []
 
 
+@pytest.mark.pgdjango
 def test_bus_url_listen_url_and_the_django_database() -> None:
+    if connections["default"].vendor != "postgresql":
+        pytest.skip("needs Django's database to be PostgreSQL (DATABASE_URL=postgres://…)")
     direct = "postgresql://app:s3cret@db.internal:5432/shop"
     config = parse_bus_url("postgres://?listen_url=" + quote(direct, safe=""))
     assert config == {"backend": "postgres", "listen_connection_string": direct}

@@ -66,8 +66,9 @@ async def topology(
     throwaway_redis: Callable[..., Awaitable[RedisServer]], workdir: Path
 ) -> AsyncIterator[tuple[RedisServer, RedisServer, SentinelServer]]:
     """A master, its replica (in sync) and a sentinel that knows both; all killed at teardown."""
-    master = await throwaway_redis()
-    replica = await throwaway_redis("--replicaof", "127.0.0.1", str(master.port))
+    # --dir: a replica writes the RDB of its initial sync there (not into the working tree).
+    master = await throwaway_redis("--dir", str(workdir))
+    replica = await throwaway_redis("--dir", str(workdir), "--replicaof", "127.0.0.1", str(master.port))
     sentinel = SentinelServer(workdir, master.port)
     try:
         await sentinel.start()
