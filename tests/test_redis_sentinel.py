@@ -206,3 +206,60 @@ async def test_blocking_publisher_follows_a_sentinel_failover(
         blocking.close()
         async with asyncio.timeout(2):
             await bus.close()
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_listener_catches_up_from_the_log_after_a_failover(
+    topology: tuple[RedisServer, RedisServer, SentinelServer], settings: Any
+) -> None:
+    """Model saves go on during the failover: the listener handles every one, once."""
+    from django_eventbus.consumers import Consumer
+    from django_eventbus.listener import Listener
+    from django_eventbus.models import StoredEvent
+    from django_eventbus.runtime import reset_runner
+    from tests.orm import orm
+    from tests.test_listener import save_products
+
+    master, _replica, sentinel = topology
+    settings.EVENTBUS = {
+        **settings.EVENTBUS,
+        "BUS": {
+            "backend": "redis",
+            "url": f"redis+sentinel://127.0.0.1:{sentinel.port}/{SERVICE}/0",
+            "channel_prefix": f"t{uuid.uuid4().hex[:10]}",
+            "publish_timeout": 2.0,  # saves made while no master exists fail over to the log sooner
+        },
+    }
+    bus = create_event_bus(settings.EVENTBUS["BUS"])
+    restored: list[bool] = []
+    bus.on_connection_restored(lambda: restored.append(True))
+    seen: list[str] = []
+    consumer = Consumer(
+        name=f"test.sentinel{uuid.uuid4().hex[:6]}",
+        pattern="inventory:product",
+        func=lambda event: seen.append(event.event_id),
+    )
+    listener = Listener(bus, [consumer], interval=0.5)
+    await bus.connect()
+    await listener.start()
+    try:
+        await asyncio.to_thread(save_products, [f"before{i}" for i in range(50)])
+        await wait_for(lambda: len(seen) == 50, timeout=30, what="events before the failover")
+        master.kill()
+        # Saves go on while there is no master: their publishes fail, the log has them.
+        during = [f"during{i}" for i in range(100)]
+        writer = asyncio.create_task(asyncio.to_thread(save_products, during, 0.02))
+        await wait_for(
+            lambda: restored == [True], timeout=FAILOVER_DEADLINE, what="the listener's bus restored"
+        )
+        await writer
+        await asyncio.to_thread(save_products, [f"after{i}" for i in range(50)])
+        await wait_for(lambda: len(set(seen)) >= 200, timeout=30, what="all 200 events")
+    finally:
+        await listener.stop()
+        async with asyncio.timeout(2):
+            await bus.close()
+        await asyncio.to_thread(reset_runner)
+    logged = await orm(lambda: set(StoredEvent.objects.values_list("event_id", flat=True)))
+    assert len(seen) == len(set(seen)) == 200, "each event exactly once"
+    assert set(seen) == logged
