@@ -5,6 +5,7 @@ Ids are stable (``django_eventbus.E001``…) so they can be silenced or searched
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -235,3 +236,63 @@ def _check_durable_without_log() -> list[CheckMessage]:
             id="django_eventbus.W003",
         )
     ]
+
+
+#: PgBouncer's default port. PostgreSQL answers on it only if someone chose to.
+PGBOUNCER_PORT = "6432"
+
+
+@register(Tags.compatibility)
+def check_listen_through_pooler(
+    app_configs: Sequence[AppConfig] | None = None, databases: Sequence[str] | None = None, **kwargs: Any
+) -> list[CheckMessage]:
+    """Warn when the postgres bus would LISTEN through what looks like PgBouncer.
+
+    In PgBouncer's transaction (or statement) pooling mode the server session that ran
+    LISTEN goes back to the pool after the statement: the listener receives nothing, and
+    says nothing. Only the port can be seen without connecting, so this is a hint.
+    """
+    try:
+        config = conf.raw_bus_config()
+    except (ValueError, TypeError):
+        return []  # E003 reports it
+    if config.get("backend") != "postgres":
+        return []
+    ports = _listen_ports(config)
+    if PGBOUNCER_PORT not in ports:
+        return []
+    return [
+        Warning(
+            f"The postgres event bus LISTENs on port {PGBOUNCER_PORT}, PgBouncer's default. Through "
+            "PgBouncer in transaction pooling mode LISTEN receives nothing, silently.",
+            hint="Set EVENTBUS['BUS']['listen_connection_string'] (or ?listen_url= in the BUS URL) to "
+            "PostgreSQL itself, bypassing the pooler; publishing and the event log may stay on PgBouncer. "
+            "If port 6432 is PostgreSQL or PgBouncer in session mode, silence django_eventbus.W004 "
+            "(docs/deployment.md, PgBouncer).",
+            id="django_eventbus.W004",
+        )
+    ]
+
+
+def _listen_ports(config: Mapping[str, Any]) -> set[str]:
+    """The ports of the connection the postgres bus LISTENs on (libpq's defaults applied)."""
+    conninfo = config.get("listen_connection_string") or config.get("connection_string")
+    if conninfo:
+        try:
+            from psycopg.conninfo import conninfo_to_dict
+        except ImportError:
+            return set()  # E004 reports it
+        try:
+            port = conninfo_to_dict(str(conninfo)).get("port")
+        except Exception:  # an invalid string fails when the bus is built, with its own message
+            return set()
+    else:
+        from django.db import connections
+
+        alias = conf.DATABASE_ALIAS
+        if alias not in connections.settings:
+            return set()  # E005 reports it
+        port = connections.settings[alias].get("PORT")
+    # libpq: several hosts may have one port each ("6432,5432"); none means PGPORT, then 5432.
+    text = str(port or os.environ.get("PGPORT") or "5432")
+    return {piece.strip() for piece in text.split(",")}

@@ -442,6 +442,7 @@ def test_status_of_an_invalid_bus_setting() -> None:
         ("redis://:pw@host:6379/0", "redis://:***@host:6379/0"),
         ("rediss://user:pw@host/1", "rediss://user:***@host/1"),
         ("postgres://u@h/db", "postgres://u@h/db"),
+        ("redis+sentinel://:pw@s1:26379,s2:26380/m/0", "redis+sentinel://:***@s1:26379,s2:26380/m/0"),
         ("host=h user=u password=pw dbname=d", "host=h user=u password=*** dbname=d"),
         ("host=h password='p w' dbname=d", "host=h password=*** dbname=d"),
     ],

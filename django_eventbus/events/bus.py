@@ -6,7 +6,7 @@ import importlib
 import re
 from collections.abc import Mapping
 from typing import Any, Protocol, runtime_checkable
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from .errors import BackendNotInstalledError
 from .types import Event, Handler, Subscription
@@ -43,6 +43,7 @@ _URL_SCHEMES = {
     "redis": "redis",
     "rediss": "redis",
     "unix": "redis",
+    "redis+sentinel": "redis",
     "postgres": "postgres",
     "postgresql": "postgres",
 }
@@ -61,9 +62,24 @@ def mask_secret(target: str) -> str:
     return re.sub(r"(password\s*=\s*)('[^']*'|\S+)", r"\1***", target)
 
 
+# Schemes other libraries use for Redis Cluster: refused with a reason, not as "unknown".
+_CLUSTER_SCHEMES = frozenset({"redis+cluster", "rediss+cluster", "cluster"})
+
+
 def parse_bus_url(url: str) -> dict[str, Any]:
-    """``memory://``, ``redis://…``, ``rediss://…``, ``postgres(ql)://…`` -> a config dict."""
+    """A bus URL -> a config dict: ``memory://``, ``redis(s)://…``, ``redis+sentinel://…``, ``postgres(ql)://…``.
+
+    A PostgreSQL URL may carry ``?listen_url=<url-encoded URL>``: the connection the bus
+    LISTENs on (``listen_connection_string``), e.g. PostgreSQL itself while the rest goes
+    through PgBouncer. ``postgres://?listen_url=…`` keeps Django's database for the rest.
+    """
     scheme = urlsplit(url).scheme.lower()
+    if scheme in _CLUSTER_SCHEMES:
+        raise ValueError(
+            f"Redis Cluster ({scheme}://) is not supported by the redis event bus: it does not "
+            "follow cluster topology or use sharded pub/sub. Use redis+sentinel:// for high "
+            "availability, or a redis:// URL of one node (see docs/core.md, Redis Cluster)"
+        )
     backend = _URL_SCHEMES.get(scheme)
     if backend is None:
         raise ValueError(
@@ -74,10 +90,18 @@ def parse_bus_url(url: str) -> dict[str, Any]:
         return {"backend": "memory"}
     if backend == "redis":
         return {"backend": "redis", "url": url}
-    if url.rstrip("/").lower() in ("postgres:", "postgresql:"):
-        # Bare "postgres://": no connection string, so the Django layer uses its own database.
-        return {"backend": "postgres"}
-    return {"backend": "postgres", "connection_string": url}
+    config: dict[str, Any] = {"backend": "postgres"}
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    listen = [value for key, value in query if key == "listen_url"]
+    if listen:
+        config["listen_connection_string"] = listen[-1]
+        rest = urlencode([(key, value) for key, value in query if key != "listen_url"])
+        url = urlunsplit(parts._replace(query=rest))
+    if url.rstrip("/").lower() not in ("postgres:", "postgresql:"):
+        # Bare "postgres://" has no connection string: the Django layer uses its own database.
+        config["connection_string"] = url
+    return config
 
 
 def resolve_backend(name: str) -> type[Any]:

@@ -112,6 +112,12 @@ class PostgresEventBus(BaseEventBus):
         ``client_encoding=UTF8``. Its two connections are named
         ``"<application_name>:listen"`` and ``"<application_name>:publish"``
         (``application_name`` defaults to ``django-eventbus``) in ``pg_stat_activity``.
+    ``listen_connection_string`` (default: ``connection_string``)
+        The conninfo of the LISTEN connection only. Behind PgBouncer in transaction
+        pooling mode (where LISTEN cannot work: the session that ran it goes back to the
+        pool after the statement), point ``connection_string`` at PgBouncer and this at
+        PostgreSQL itself, so only the one long-lived listening session bypasses the pooler.
+        The same defaults are added to it.
     ``channel_prefix`` (default ``"events"``)
         The one NOTIFY channel of this bus (an identifier: at most 63 bytes; any
         characters, it is always quoted). Buses with the same prefix on the same
@@ -145,27 +151,22 @@ class PostgresEventBus(BaseEventBus):
         channel_prefix: str = "events",
         queue_size: int = 10_000,
         publish_timeout: float = 10.0,
+        listen_connection_string: str | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(connection_string, str):
-            raise ValueError("connection_string must be a libpq URL or key=value string")
-        try:
-            params: dict[str, Any] = conninfo_to_dict(connection_string)
-        except psycopg.ProgrammingError as exc:
-            # The connection string itself is not repeated: it may hold a password.
-            raise ValueError(f"invalid PostgreSQL connection_string: {exc}") from None
+        params = _conninfo_params(connection_string, "connection_string")
+        listen_params = (
+            params
+            if listen_connection_string is None
+            else _conninfo_params(listen_connection_string, "listen_connection_string")
+        )
         self.channel = _validate_channel(channel_prefix)
         if not isinstance(queue_size, int) or isinstance(queue_size, bool) or queue_size < 1:
             raise ValueError(f"queue_size must be a positive int, got {queue_size!r}")
         if publish_timeout <= 0:
             raise ValueError(f"publish_timeout must be > 0 seconds, got {publish_timeout!r}")
-        for key, value in _DEFAULT_PARAMS.items():
-            params.setdefault(key, value)
-        # Leave room for the ":listen" suffix inside PostgreSQL's 63-byte NAMEDATALEN.
-        params["application_name"] = (
-            str(params["application_name"]).encode()[:54].decode("utf-8", errors="ignore")
-        )
-        self._params = params
+        self._params = _with_defaults(params)
+        self._listen_params = _with_defaults(listen_params)
         self.queue_size = queue_size
         self.publish_timeout = float(publish_timeout)
         self._listen_sql = sql.SQL("LISTEN {}").format(sql.Identifier(self.channel))
@@ -279,8 +280,13 @@ class PostgresEventBus(BaseEventBus):
     # -- connections -----------------------------------------------------------
 
     async def _open(self, role: str) -> AsyncConn:
-        params = dict(self._params, application_name=f"{self._params['application_name']}:{role}")
-        return await psycopg.AsyncConnection.connect(autocommit=True, **params)
+        base = self._listen_params if role == "listen" else self._params
+        params = dict(base, application_name=f"{base['application_name']}:{role}")
+        # prepare_threshold=None: psycopg 3 turns a query run 5 times into a server-side
+        # prepared statement, and PgBouncer before 1.21 in transaction mode hands the next
+        # transaction to another server session, where that statement does not exist
+        # ("prepared statement "_pg3_0" does not exist"). pg_notify gains nothing from it.
+        return await psycopg.AsyncConnection.connect(autocommit=True, prepare_threshold=None, **params)
 
     async def _open_listener(self) -> AsyncConn:
         conn = await self._open("listen")
@@ -440,6 +446,24 @@ class PostgresEventBus(BaseEventBus):
             self._invalid(
                 f"discarded incomplete large event {key} ({len(partial.parts)} of {partial.count} chunks)"
             )
+
+
+def _conninfo_params(conninfo: object, name: str) -> dict[str, Any]:
+    if not isinstance(conninfo, str):
+        raise ValueError(f"{name} must be a libpq URL or key=value string")
+    try:
+        return conninfo_to_dict(conninfo)
+    except psycopg.ProgrammingError as exc:
+        # The connection string itself is not repeated: it may hold a password.
+        raise ValueError(f"invalid PostgreSQL {name}: {exc}") from None
+
+
+def _with_defaults(params: dict[str, Any]) -> dict[str, Any]:
+    params = {**_DEFAULT_PARAMS, **params}
+    # Leave room for the ":listen" suffix inside PostgreSQL's 63-byte NAMEDATALEN.
+    name = str(params["application_name"]).encode()[:54]
+    params["application_name"] = name.decode("utf-8", errors="ignore")
+    return params
 
 
 def _validate_channel(channel: object) -> str:

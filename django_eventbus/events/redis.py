@@ -24,14 +24,17 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import functools
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import redis.connection
 import redis.exceptions
+import redis.sentinel
 from redis.asyncio.connection import (
     AbstractConnection,
     Connection,
@@ -39,6 +42,7 @@ from redis.asyncio.connection import (
     UnixDomainSocketConnection,
     parse_url,
 )
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool, SentinelManagedConnection
 
 from .backoff import backoff_delays
 from .base import BaseEventBus, ConnectionState
@@ -48,7 +52,7 @@ from .errors import BusClosedError, EventBusError
 from .redis_blocking import BlockingPublisher
 from .types import Event
 
-__all__ = ["RedisConnectionError", "RedisEventBus", "redis_glob"]
+__all__ = ["RedisConnectionError", "RedisEventBus", "parse_sentinel_url", "redis_glob"]
 
 if sys.version_info >= (3, 11):
     from asyncio import timeout as _timeout
@@ -64,6 +68,8 @@ _POOL_OPTIONS = ("max_connections", "timeout")
 _FNMATCH_META = frozenset("*?[")
 # Characters Redis' glob matcher treats specially; escaped with a backslash in the literal head.
 _GLOB_SPECIAL = frozenset("\\*?[]")
+SENTINEL_SCHEME = "redis+sentinel"
+_SENTINEL_PORT = 26379
 # Errors after which a publish is worth retrying: the connection, not the command, failed.
 _TRANSIENT = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
 # ...except these, which another attempt cannot fix.
@@ -82,6 +88,40 @@ _BLOCKING_CONNECTION_CLASSES: dict[type, Callable[..., redis.connection.Abstract
 }
 
 
+def parse_sentinel_url(url: str) -> tuple[list[tuple[str, int]], str, str, str | None]:
+    """``redis+sentinel://[[user]:password@]host[:port][,host[:port]…]/<service_name>[/<db>][?…]``.
+
+    Returns ``(sentinels, service_name, redis_url, sentinel_password)``: ``redis_url`` is the
+    ``redis://`` URL of the master without its address (credentials, db, query options),
+    for redis-py's ``parse_url``. The password in the URL is the master's (``AUTH`` on
+    the data connections); ``?sentinel_password=…`` is the sentinels' own, if they have one.
+    """
+    parts = urlsplit(url)
+    userinfo, at, hosts = parts.netloc.rpartition("@")
+    sentinels: list[tuple[str, int]] = []
+    for item in filter(None, (h.strip() for h in hosts.split(","))):
+        host, port = item, _SENTINEL_PORT
+        if not item.endswith("]") and ":" in item:  # "[::1]" alone has no port
+            host, _, port_s = item.rpartition(":")
+            try:
+                port = int(port_s)
+            except ValueError:
+                raise ValueError(f"invalid sentinel port in {item!r} of a {SENTINEL_SCHEME}:// URL") from None
+        sentinels.append((host.strip("[]"), port))
+    path = [unquote(piece) for piece in parts.path.split("/") if piece]
+    if not sentinels or not 1 <= len(path) <= 2:
+        raise ValueError(
+            f"a {SENTINEL_SCHEME}:// URL is {SENTINEL_SCHEME}://[:password@]host:port[,host:port…]"
+            "/<service_name>[/<db>]"
+        )
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    sentinel_password = next((v for k, v in reversed(query) if k == "sentinel_password"), None)
+    rest = urlencode([(k, v) for k, v in query if k != "sentinel_password"])
+    db = path[1] if len(path) > 1 else "0"
+    redis_url = urlunsplit(("redis", f"{userinfo}@localhost" if at else "localhost", f"/{db}", rest, ""))
+    return sentinels, path[0], redis_url, sentinel_password
+
+
 @functools.lru_cache(maxsize=1024)
 def redis_glob(channel_prefix: str, pattern: str) -> str:
     """The Redis PSUBSCRIBE glob that matches (at least) every channel of fnmatch ``pattern``.
@@ -98,6 +138,26 @@ def redis_glob(channel_prefix: str, pattern: str) -> str:
             break
     escaped = "".join("\\" + c if c in _GLOB_SPECIAL else c for c in f"{channel_prefix}:{head}")
     return escaped + "*" if len(head) < len(pattern) else escaped
+
+
+def _validate_sentinels(
+    sentinels: Sequence[Sequence[Any]] | None,
+    service_name: str | None,
+    host: str | None,
+    port: int | None,
+    ssl: bool | None,
+) -> list[tuple[str, int]]:
+    if not service_name or not isinstance(service_name, str):
+        raise ValueError("Redis Sentinel needs service_name: the master's name in 'sentinel monitor'")
+    if host is not None or port is not None or ssl:
+        raise ValueError("host, port and ssl do not apply with sentinels: the sentinels name the master")
+    try:
+        pairs = [(str(host_), int(port_)) for host_, port_ in sentinels or ()]
+    except (TypeError, ValueError):
+        raise ValueError(f"sentinels must be a list of [host, port] pairs, got {sentinels!r}") from None
+    if not pairs:
+        raise ValueError("Redis Sentinel needs at least one sentinel: sentinels=[[host, port], …]")
+    return pairs
 
 
 class _Route(NamedTuple):
@@ -122,6 +182,17 @@ class RedisEventBus(BaseEventBus):
     * ``host`` (``"127.0.0.1"``), ``port`` (``6379``), ``db`` (``0``), ``username``,
       ``password``, ``ssl`` (``False``; ``True`` switches to TLS, ``False`` turns a
       ``rediss://`` URL's TLS off).
+
+    Redis Sentinel (instead of ``host``/``port``; see :func:`parse_sentinel_url` for the URL form
+    ``redis+sentinel://[:password@]host:port[,host:port…]/<service_name>[/<db>]``):
+
+    * ``sentinels`` -- ``[(host, port), …]`` of the sentinels; ``service_name`` -- the
+      master's name in their ``sentinel monitor`` line. Every new connection (subscriber,
+      publishers, the blocking publisher) asks the sentinels for the current master, so the
+      reconnect after a failover reaches the promoted replica.
+    * ``sentinel_password`` -- the sentinels' ``requirepass``, if any (``password`` is the
+      master's); ``sentinel_kwargs`` -- more redis-py options for the sentinel connections
+      (their timeouts default to ``connect_timeout``). TLS is not supported with sentinels.
 
     Bus options:
 
@@ -168,6 +239,10 @@ class RedisEventBus(BaseEventBus):
         connect_timeout: float = 5.0,
         health_check_interval: float = 30.0,
         max_connections: int | None = None,
+        sentinels: Sequence[Sequence[Any]] | None = None,
+        service_name: str | None = None,
+        sentinel_password: str | None = None,
+        sentinel_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(channel_prefix, str) or not channel_prefix:
@@ -180,10 +255,38 @@ class RedisEventBus(BaseEventBus):
         self.connect_timeout = float(connect_timeout)
         self.health_check_interval = float(health_check_interval)
 
+        if url is not None and urlsplit(url).scheme.lower() == SENTINEL_SCHEME:
+            url_sentinels, url_service, url, url_sentinel_password = parse_sentinel_url(url)
+            sentinels = url_sentinels if sentinels is None else sentinels
+            service_name = service_name or url_service
+            if sentinel_password is None:
+                sentinel_password = url_sentinel_password
+        #: ``[(host, port), …]`` of the sentinels, or None when the bus talks to one server.
+        self.sentinels: list[tuple[str, int]] | None = None
+        self.service_name = service_name
+        self.sentinel_kwargs: dict[str, Any] = {}
+        if sentinels is not None or service_name is not None:
+            self.sentinels = _validate_sentinels(sentinels, service_name, host, port, ssl)
+            self.sentinel_kwargs = {
+                "socket_connect_timeout": self.connect_timeout,
+                "socket_timeout": self.connect_timeout,
+                **({"password": sentinel_password} if sentinel_password is not None else {}),
+                **(sentinel_kwargs or {}),
+            }
+        self._sentinel: Sentinel | None = None
+        self._sentinel_pool: SentinelConnectionPool | None = None
+
         options: dict[str, Any] = dict(parse_url(url)) if url is not None else {}
         pool_options = {key: options.pop(key) for key in _POOL_OPTIONS if key in options}
         connection_class: type[AbstractConnection] = options.pop("connection_class", Connection)
-        if connection_class is UnixDomainSocketConnection:
+        if self.sentinels is not None:
+            if connection_class is not Connection:
+                raise ValueError("TLS and unix sockets are not supported with Redis Sentinel")
+            # Each connection learns the master's address from the sentinels when it connects.
+            connection_class = SentinelManagedConnection
+            options.pop("host", None)
+            options.pop("port", None)
+        elif connection_class is UnixDomainSocketConnection:
             if host is not None or port is not None or ssl:
                 raise ValueError(f"host, port and ssl do not apply to the unix socket URL {url!r}")
         else:
@@ -231,12 +334,19 @@ class RedisEventBus(BaseEventBus):
         return f"<RedisEventBus {self._where()} db={db} prefix={self.channel_prefix!r} {self.state.value}>"
 
     def _where(self) -> str:
+        if self.sentinels is not None:
+            via = ",".join(f"{host}:{port}" for host, port in self.sentinels)
+            return f"the master of {self.service_name!r} (sentinels {via})"
         kw = self.connection_kwargs
         return str(kw.get("path") or f"{kw.get('host')}:{kw.get('port')}")
 
     # -- lifecycle -------------------------------------------------------------
 
     async def _connect(self) -> None:
+        if self.sentinels is not None:
+            # No I/O here: the sentinels are asked when a connection connects.
+            self._sentinel = Sentinel(self.sentinels, sentinel_kwargs=self.sentinel_kwargs)  # type: ignore[no-untyped-call]
+            self._sentinel_pool = SentinelConnectionPool(self.service_name, self._sentinel)  # type: ignore[no-untyped-call]
         self._publisher = _Publisher(self._new_connection, self.max_connections)
         try:
             async with _timeout(self.connect_timeout):
@@ -267,8 +377,20 @@ class RedisEventBus(BaseEventBus):
         if self._publisher is not None:
             publisher, self._publisher = self._publisher, None
             await publisher.close()
+        sentinel, self._sentinel, self._sentinel_pool = self._sentinel, None, None
+        if sentinel is not None:
+            # Bounded: close() must return while a sentinel is unreachable, and these
+            # connections carry nothing that needs a clean goodbye.
+            with contextlib.suppress(asyncio.TimeoutError, redis.exceptions.RedisError, OSError):
+                async with _timeout(1.0):
+                    for client in sentinel.sentinels:
+                        await client.aclose()
 
     def _new_connection(self) -> AbstractConnection:
+        if self._sentinel_pool is not None:
+            return SentinelManagedConnection(connection_pool=self._sentinel_pool, **self.connection_kwargs)  # type: ignore[no-untyped-call]
+        if self.sentinels is not None:
+            raise BusClosedError("the redis event bus is not connected")
         return self.connection_class(**self.connection_kwargs)
 
     def blocking_publisher(self) -> BlockingPublisher:
@@ -277,8 +399,15 @@ class RedisEventBus(BaseEventBus):
         Same server, credentials and channels as this bus; it counts in ``stats.published``.
         A write is bounded by ``publish_timeout``.
         """
-        sync_class = _BLOCKING_CONNECTION_CLASSES[self.connection_class]
         kwargs = {**self.connection_kwargs, "socket_timeout": self.publish_timeout}
+        sync_class: Callable[..., redis.connection.AbstractConnection]
+        if self.sentinels is not None:
+            # redis-py's blocking twins: each new connection asks the sentinels for the master.
+            sentinel = redis.sentinel.Sentinel(self.sentinels, sentinel_kwargs=self.sentinel_kwargs)  # type: ignore[no-untyped-call]
+            pool = redis.sentinel.SentinelConnectionPool(self.service_name, sentinel)  # type: ignore[no-untyped-call]
+            sync_class = functools.partial(redis.sentinel.SentinelManagedConnection, connection_pool=pool)
+        else:
+            sync_class = _BLOCKING_CONNECTION_CLASSES[self.connection_class]
 
         def count(n: int) -> None:
             self.stats.published += n
