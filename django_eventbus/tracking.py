@@ -132,6 +132,17 @@ def reset() -> None:
     _cache.clear()
 
 
+# --- database capture -------------------------------------------------------------------
+# With EVENTBUS["CAPTURE"] = "database" PostgreSQL triggers write every tracked model's
+# events (capture_database.py): the signal receivers and the explicit bulk API stand down,
+# or each write would be logged twice. What is tracked is still named only here.
+def captured_by_database() -> bool:
+    return conf.CAPTURE == "database"
+
+
+# ------------------------------------------------------------------------------------------
+
+
 def connect_signals() -> None:
     """(Re)connect the receivers to exactly the tracked models."""
     with _lock:
@@ -140,7 +151,7 @@ def connect_signals() -> None:
                 signal.disconnect(sender=model, dispatch_uid="django_eventbus")
         _connected.clear()
         reset()
-        for tracking in tracked_models():
+        for tracking in [] if captured_by_database() else tracked_models():
             model = tracking.model
             post_init.connect(_on_post_init, sender=model, dispatch_uid="django_eventbus", weak=False)
             pre_save.connect(_on_pre_save, sender=model, dispatch_uid="django_eventbus", weak=False)
@@ -246,6 +257,8 @@ def emit_model_events(
     old and new values where the instances were loaded from the database.
     """
     type_ = EventType(event_type)
+    if captured_by_database():
+        return []  # the triggers logged these writes already
     events: list[Event] = []
     db = using
     for instance in instances:
