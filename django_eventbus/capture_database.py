@@ -255,13 +255,13 @@ def definition(tracking: ModelTracking) -> TriggerSet:
                 )
             )
         # A changed primary key: the old row is gone and a new one exists.
-        for type_, alias, table, other, other_alias in (
+        for type_, alias, rows, other, other_alias in (
             (EventType.DELETED, "o", "eventbus_old", "eventbus_new", "n"),
             (EventType.CREATED, "n", "eventbus_new", "eventbus_old", "o"),
         ):
             if type_ in tracking.events:
                 lonely = f"NOT EXISTS (SELECT FROM {other} AS {other_alias} WHERE {pk_join})"
-                statements.append(insert(type_, alias, f"FROM {table} AS {alias}\n    WHERE {lonely}"))
+                statements.append(insert(type_, alias, f"FROM {rows} AS {alias}\n    WHERE {lonely}"))
         branches.append(("UPDATE", "\n    ".join(statements) or "NULL;"))
     if EventType.DELETED in tracking.events:
         branches.append(("DELETE", insert(EventType.DELETED, "o", "FROM eventbus_old AS o")))
