@@ -63,7 +63,7 @@ __all__ = [
 logger = logging.getLogger("django_eventbus")
 
 # Bump when the generated SQL changes shape: every installed function then reads as outdated.
-VERSION = "1"
+VERSION = "2"
 MARK = "django_eventbus capture"
 LOG_TABLE = "django_eventbus_event"
 # Serializes concurrent installs (several deploy jobs running migrate at once).
@@ -221,50 +221,52 @@ def definition(tracking: ModelTracking) -> TriggerSet:
         ]
         return "jsonb_build_object(" + ", ".join(f"{literal(k)}, {v}" for k, v in pairs) + ")"
 
-    def insert(type_: EventType, alias: str, body: str, extra: list[tuple[str, str]] | None = None) -> str:
+    def insert(type_sql: str, payload_sql: str, body: str) -> str:
         return (
             f"INSERT INTO {ident(LOG_TABLE)} (event_id, type, topic, payload, timestamp, source, "
             "correlation_id, metadata, relay)\n"
-            f"    SELECT gen_random_uuid()::text, {literal(type_.value)}, {literal(tracking.topic)}, "
-            f"{payload(alias, extra or [])}, clock_timestamp(), eventbus_source, eventbus_correlation, "
-            "'{}'::jsonb, true\n"
+            f"    SELECT gen_random_uuid()::text, {type_sql}, {literal(tracking.topic)}, "
+            f"{payload_sql}, clock_timestamp(), eventbus_source, eventbus_correlation, '{{}}'::jsonb, true\n"
             f"    {body};"
         )
 
     pk_join = f"{col('o', pk_field)} = {col('n', pk_field)}"
+    created, deleted = literal(EventType.CREATED.value), literal(EventType.DELETED.value)
     branches = []
     if EventType.CREATED in tracking.events:
-        branches.append(("INSERT", insert(EventType.CREATED, "n", "FROM eventbus_new AS n")))
+        branches.append(("INSERT", insert(created, payload("n", []), "FROM eventbus_new AS n")))
     if EventType.UPDATED in tracking.events:
+        # One statement for the whole UPDATE: a key in both versions is an update (logged if a
+        # tracked column differs); a key only in the old rows or only in the new ones is a
+        # changed primary key, logged as DELETED of the old and CREATED of the new.
+        old_pk, new_pk = col("o", pk_field), col("n", pk_field)
         differs = [f"{col('o', f)} IS DISTINCT FROM {col('n', f)}" for f in tracking.fields]
-        statements = []
+        changed = " || ".join(
+            f"CASE WHEN {d} THEN jsonb_build_object({literal(f.name)}, jsonb_build_array("
+            f"{value_sql(f, col('o', f))}, {value_sql(f, col('n', f))})) ELSE '{{}}'::jsonb END"
+            for f, d in zip(tracking.fields, differs, strict=True)
+        )
+        updated = payload("n", [("changed", changed)] if changed and tracking.track_changes else [])
+        wanted_rows = []
         if differs:
-            changed = " || ".join(
-                f"CASE WHEN {d} THEN jsonb_build_object({literal(f.name)}, jsonb_build_array("
-                f"{value_sql(f, col('o', f))}, {value_sql(f, col('n', f))})) ELSE '{{}}'::jsonb END"
-                for f, d in zip(tracking.fields, differs, strict=True)
+            wanted_rows.append(
+                f"({old_pk} IS NOT NULL AND {new_pk} IS NOT NULL AND ({' OR '.join(differs)}))"
             )
-            extra = [("changed", changed)] if tracking.track_changes else []
-            statements.append(
-                insert(
-                    EventType.UPDATED,
-                    "n",
-                    f"FROM eventbus_new AS n JOIN eventbus_old AS o ON {pk_join}\n"
-                    f"    WHERE {' OR '.join(differs)}",
-                    extra,
-                )
-            )
-        # A changed primary key: the old row is gone and a new one exists.
-        for type_, alias, rows, other, other_alias in (
-            (EventType.DELETED, "o", "eventbus_old", "eventbus_new", "n"),
-            (EventType.CREATED, "n", "eventbus_new", "eventbus_old", "o"),
-        ):
-            if type_ in tracking.events:
-                lonely = f"NOT EXISTS (SELECT FROM {other} AS {other_alias} WHERE {pk_join})"
-                statements.append(insert(type_, alias, f"FROM {rows} AS {alias}\n    WHERE {lonely}"))
-        branches.append(("UPDATE", "\n    ".join(statements) or "NULL;"))
+        if EventType.DELETED in tracking.events:
+            wanted_rows.append(f"{new_pk} IS NULL")
+        if EventType.CREATED in tracking.events:
+            wanted_rows.append(f"{old_pk} IS NULL")
+        statement = insert(
+            f"CASE WHEN {new_pk} IS NULL THEN {deleted} WHEN {old_pk} IS NULL THEN {created} "
+            f"ELSE {literal(EventType.UPDATED.value)} END",
+            f"CASE WHEN {new_pk} IS NULL THEN {payload('o', [])} WHEN {old_pk} IS NULL THEN "
+            f"{payload('n', [])} ELSE {updated} END",
+            f"FROM eventbus_old AS o FULL JOIN eventbus_new AS n ON {pk_join}\n"
+            f"    WHERE {' OR '.join(wanted_rows)}",
+        )
+        branches.append(("UPDATE", statement if wanted_rows else "NULL;"))
     if EventType.DELETED in tracking.events:
-        branches.append(("DELETE", insert(EventType.DELETED, "o", "FROM eventbus_old AS o")))
+        branches.append(("DELETE", insert(deleted, payload("o", []), "FROM eventbus_old AS o")))
     body_lines = [
         "DECLARE",
         "  eventbus_correlation text := NULLIF(current_setting('eventbus.correlation_id', true), '');",
@@ -348,6 +350,15 @@ def _state(wanted: TriggerSet, installed: _Installed | None) -> str:
     return "current"
 
 
+def _helpers_installed(cursor: Any) -> bool:
+    cursor.execute(
+        "SELECT EXISTS (SELECT FROM pg_proc WHERE proname = ANY(%s) "
+        "AND pronamespace = current_schema()::regnamespace)",
+        [HELPER_NAMES],
+    )
+    return bool(cursor.fetchone()[0])
+
+
 def _table_exists(cursor: Any, table: str) -> bool:
     cursor.execute("SELECT to_regclass(%s) IS NOT NULL", [ident(table)])
     return bool(cursor.fetchone()[0])
@@ -415,7 +426,8 @@ def install(using: str | None = None, *, wanted: Iterable[TriggerSet] | None = N
                 # CASCADE drops the function's triggers with it.
                 cursor.execute(f"DROP FUNCTION {ident(function)}() CASCADE")
                 report.removed.append(old.comment.split(" ")[2])
-        if not wanted:
+        if not wanted and _helpers_installed(cursor):
+            # Checked first: post_migrate runs this after every flush, and DDL there is not free.
             for name in HELPER_NAMES:
                 cursor.execute(f"DROP FUNCTION IF EXISTS {ident(name)} CASCADE")
     return report

@@ -69,12 +69,15 @@ class ContextInjector:
         many: bool,
         context: dict[str, Any],
     ) -> Any:
-        if many or conf.CAPTURE != "database":
-            return execute(sql, params, many, context)
         value = current_correlation_id()
+        # Cheapest tests first: this runs for every query of every PostgreSQL connection.
+        if many or (value is None and not self.sent) or conf.CAPTURE != "database":
+            return execute(sql, params, many, context)
+        if getattr(context["cursor"].cursor, "name", None):
+            # A server-side cursor (QuerySet.iterator()) wraps its query in DECLARE, which takes
+            # one statement; it only reads.
+            return execute(sql, params, many, context)
         if value is None:
-            if not self.sent:
-                return execute(sql, params, many, context)
             self.sent = False
             if not self.connection.in_atomic_block:
                 return execute(sql, params, many, context)  # autocommit: it ended with its statement

@@ -125,6 +125,23 @@ def test_an_update_from_another_client_without_django_is_captured_exactly() -> N
     assert update.source == "billing-service" and update.correlation_id is None
 
 
+def test_a_changed_primary_key_is_a_deleted_and_a_created_event() -> None:
+    product = Product.objects.create(name="renumbered")
+    old_pk, new_pk = product.pk, product.pk + 1000
+    with connection.cursor() as cursor:
+        cursor.execute("UPDATE inventory_product SET id = %s WHERE id = %s", [new_pk, old_pk])
+    assert [(e.type, e.payload["pk"]) for e in logged()] == [
+        ("created", old_pk),
+        ("deleted", old_pk),
+        ("created", new_pk),
+    ] or [(e.type, e.payload["pk"]) for e in logged()] == [
+        ("created", old_pk),
+        ("created", new_pk),
+        ("deleted", old_pk),
+    ]
+    assert projection("inventory:product") == table_fields(Product)
+
+
 def test_copy_from_another_client_is_captured() -> None:
     conninfo = django_database_conninfo(conf.DATABASE_ALIAS)
     sku = uuid.uuid4()
@@ -332,6 +349,9 @@ def test_correlation_id_reaches_the_trigger_in_autocommit_and_in_atomic() -> Non
         assert Product.objects.filter(name="after").update(stock=3) == 1
         assert Product.objects.filter(name__startswith="a").count() == 3  # results are the query's own
     assert logged()[-1].correlation_id == "it's 100%"
+    with django_eventbus.correlation("reads"), transaction.atomic():
+        # A server-side cursor takes one statement: left alone, and the reads still work.
+        assert len(list(Product.objects.iterator(chunk_size=2))) == 4
 
 
 def test_correlation_id_from_the_request_middleware() -> None:
