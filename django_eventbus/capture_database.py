@@ -12,8 +12,9 @@ are visible to a trigger); it is documented.
 Statement-level triggers with transition tables, not row-level ones: one
 ``INSERT … SELECT`` per statement writes all its log rows, so a
 ``bulk_update`` of 10,000 rows runs one log statement instead of 10,000
-trigger calls (figures in bench/README.md). Per-row events stay exact: an
-UPDATE joins the old and new transition tables on the primary key, ``changed``
+trigger calls (figures in bench/README.md; a single-row save costs one trigger
+call either way). Per-row events stay exact: one statement per UPDATE joins the
+old and new transition tables (``FULL JOIN`` on the primary key), ``changed``
 lists exactly the tracked columns whose value differs (``IS DISTINCT FROM``),
 and a row whose tracked columns did not change emits nothing. A statement that
 changes a primary key emits DELETED for the old key and CREATED for the new one,
