@@ -28,6 +28,15 @@ class EventBusConfig(AppConfig):
 
         setup_channels()
         setting_changed.connect(_on_setting_changed, dispatch_uid="django_eventbus.tracking")
+        # Database capture: triggers kept current by every migrate, context handed to them.
+        from django.db.backends.signals import connection_created
+        from django.db.models.signals import post_migrate
+
+        from .capture_database import on_post_migrate
+        from .database_context import install_on_connection
+
+        post_migrate.connect(on_post_migrate, sender=self, dispatch_uid="django_eventbus.capture")
+        connection_created.connect(install_on_connection, dispatch_uid="django_eventbus.capture")
 
     @staticmethod
     def _consumers_module() -> str:

@@ -48,6 +48,7 @@ def check_settings(
         )
     errors += _check_bus()
     errors += _check_models()
+    errors += _check_capture()
     return errors
 
 
@@ -174,6 +175,93 @@ def _check_write_database(model: type[Model]) -> list[CheckMessage]:
             id="django_eventbus.E012",
         )
     ]
+
+
+def _check_capture() -> list[CheckMessage]:
+    capture = conf.CAPTURE
+    if capture not in ("signals", "database"):
+        return [
+            Error(
+                f"EVENTBUS['CAPTURE'] is {capture!r}.",
+                hint='Use "signals" (the default, any database) or "database" (PostgreSQL triggers).',
+                id="django_eventbus.E016",
+            )
+        ]
+    if capture != "database":
+        return []
+    from django.db import connections
+
+    alias = conf.DATABASE_ALIAS
+    if alias not in connections.settings or connections[alias].vendor != "postgresql":
+        return [
+            Error(
+                f"EVENTBUS['CAPTURE'] = 'database' needs PostgreSQL, and DATABASES[{alias!r}] is not.",
+                hint="Use CAPTURE 'signals' on this database, or set EVENTBUS['DATABASE_ALIAS'] to a "
+                "PostgreSQL database that holds the tracked tables.",
+                id="django_eventbus.E013",
+            )
+        ]
+    from .capture_database import capturable_problem
+    from .tracking import tracked_models
+
+    return [
+        Error(
+            f"Database capture cannot track {tracking.model._meta.label}: {problem}.",
+            hint="Track the parent model, or use CAPTURE 'signals'.",
+            id="django_eventbus.E014",
+        )
+        for tracking in tracked_models()
+        if (problem := capturable_problem(tracking)) is not None
+    ]
+
+
+@register(Tags.database)
+def check_capture_triggers(
+    app_configs: Sequence[AppConfig] | None = None, databases: Sequence[str] | None = None, **kwargs: Any
+) -> list[CheckMessage]:
+    """Database capture: every tracked model's trigger installed and current (E015).
+
+    A database check, so it runs with ``check --database default`` and when
+    ``eventbus_listen`` starts — not during ``migrate``, whose post_migrate step
+    installs the triggers (failing migrate for what it is about to fix would
+    leave no way forward but the command).
+    """
+    alias = conf.DATABASE_ALIAS
+    if not databases or alias not in databases or _running_migrate():
+        return []
+    from django.db import connections
+
+    if alias not in connections.settings or connections[alias].vendor != "postgresql":
+        return []  # E013, when database capture is asked for
+    from .capture_database import LOG_TABLE, problems
+
+    if LOG_TABLE not in connections[alias].introspection.table_names():
+        return []  # not migrated yet: migrate installs the triggers
+    return [
+        Error(
+            f"The database capture trigger of {label} is {state}"
+            + (
+                " (its model is no longer captured by the database, so it would log twice)."
+                if state == "not tracked"
+                else "."
+            ),
+            hint=f"Run: manage.py eventbus_triggers install --database {alias}",
+            id="django_eventbus.E015",
+        )
+        for label, state in problems(alias)
+    ]
+
+
+def _running_migrate() -> bool:
+    # migrate runs the database checks before it migrates; post_migrate then fixes the triggers.
+    import inspect
+
+    frame = inspect.currentframe()
+    while frame is not None:
+        if frame.f_globals.get("__name__") == "django.core.management.commands.migrate":
+            return True
+        frame = frame.f_back
+    return False
 
 
 @register(Tags.compatibility, deploy=True)

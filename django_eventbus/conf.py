@@ -24,6 +24,8 @@ DEFAULTS: dict[str, Any] = {
     "SOURCE": None,
     "DATABASE_ALIAS": "default",
     "EMIT_RAW": False,
+    # "signals" (model signals, any database) or "database" (PostgreSQL triggers; docs/models.md).
+    "CAPTURE": "signals",
     "CONSUMERS_MODULE": "event_consumers",
     "PUBLISH_TIMEOUT": 10.0,
     "CATCHUP_INTERVAL": 2.0,
@@ -112,6 +114,10 @@ class EventBusSettings:
     @property
     def EMIT_RAW(self) -> bool:
         return bool(self.get("EMIT_RAW"))
+
+    @property
+    def CAPTURE(self) -> str:
+        return str(self.get("CAPTURE"))
 
     @property
     def CONSUMERS_MODULE(self) -> str:

@@ -168,6 +168,17 @@ def reset() -> None:
     _cache.clear()
 
 
+# --- database capture -------------------------------------------------------------------
+# With EVENTBUS["CAPTURE"] = "database" PostgreSQL triggers write every tracked model's
+# events (capture_database.py): the signal receivers and the explicit bulk API stand down,
+# or each write would be logged twice. What is tracked is still named only here.
+def captured_by_database() -> bool:
+    return conf.CAPTURE == "database"
+
+
+# ------------------------------------------------------------------------------------------
+
+
 def connect_signals() -> None:
     """(Re)connect the receivers, and the save wrapper, to exactly the tracked models."""
     with _lock:
@@ -185,7 +196,7 @@ def connect_signals() -> None:
         _through_fields.clear()
         _wrapped.clear()
         reset()
-        for tracking in tracked_models():
+        for tracking in [] if captured_by_database() else tracked_models():
             model = tracking.model
             pre_save.connect(_on_pre_save, sender=model, dispatch_uid=_UID, weak=False)
             post_save.connect(_on_post_save, sender=model, dispatch_uid=_UID, weak=False)
@@ -488,6 +499,8 @@ def emit_model_events(
     the instance's values.
     """
     type_ = EventType(event_type)
+    if captured_by_database():
+        return []  # the triggers logged these writes already
     events: list[Event] = []
     db = using
     for instance in instances:

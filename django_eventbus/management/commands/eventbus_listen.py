@@ -51,6 +51,10 @@ class Command(EventbusCommand):
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
+        if conf.CAPTURE == "database":
+            # Database checks are not part of the default checks: a missing or outdated capture
+            # trigger (E015) would silently lose writes, so refuse to start on one.
+            self.check(databases=[conf.DATABASE_ALIAS])
         topics: list[str] = options["topics"]
         run_consumers = options["consumers"] if options["consumers"] is not None else not topics
         if not topics and not run_consumers:
