@@ -21,7 +21,15 @@ from django.db import models, transaction
 
 from .events import EventType
 from .outbox import emit
-from .tracking import emit_model_events, read_rows, require_log_database, tracking_for, update_events
+from .tracking import (
+    ModelTracking,
+    captured_by_database,
+    emit_model_events,
+    read_rows,
+    require_log_database,
+    tracking_for,
+    update_events,
+)
 
 __all__ = ["EventBusManager", "EventBusQuerySet"]
 
@@ -39,11 +47,16 @@ def _chunks(items: Sequence[T]) -> Iterator[Sequence[T]]:
         yield items[start : start + CHUNK]
 
 
+def _signal_tracking(model: type[models.Model]) -> ModelTracking | None:
+    # With database capture the triggers log every write: these methods add nothing.
+    return None if captured_by_database() else tracking_for(model)
+
+
 class EventBusQuerySet(models.QuerySet[M]):
     """A QuerySet whose bulk writes emit model events."""
 
     def bulk_create(self, objs: Iterable[M], *args: Any, **kwargs: Any) -> list[M]:
-        if tracking_for(self.model) is None:
+        if _signal_tracking(self.model) is None:
             return super().bulk_create(objs, *args, **kwargs)
         require_log_database(self.model, self.db)
         with transaction.atomic(using=self.db, savepoint=False):
@@ -53,7 +66,7 @@ class EventBusQuerySet(models.QuerySet[M]):
         return created
 
     def bulk_update(self, objs: Iterable[M], fields: Iterable[str], batch_size: int | None = None) -> int:
-        tracking = tracking_for(self.model)
+        tracking = _signal_tracking(self.model)
         if tracking is None:
             return super().bulk_update(objs, fields, batch_size=batch_size)
         require_log_database(self.model, self.db)
@@ -78,7 +91,7 @@ class EventBusQuerySet(models.QuerySet[M]):
         Costs two more queries (the rows before, locked, and after), in one
         transaction; models that are not tracked skip both.
         """
-        tracking = tracking_for(self.model)
+        tracking = _signal_tracking(self.model)
         if tracking is None or _in_bulk_update.get():
             return super().update(**kwargs)
         require_log_database(self.model, self.db)
