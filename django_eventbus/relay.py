@@ -142,6 +142,16 @@ def _ids_missing(after: int, upto: int) -> bool:
     return StoredEvent.objects.filter(id__gt=after, id__lte=upto).count() < upto - after
 
 
+def _start_position(name: str) -> int | None:
+    cursor = _load_cursor(name)
+    if cursor is not None:
+        return cursor.position
+    # A new relay starts just below the oldest row of the log (None while it is empty):
+    # every relay row is still unpublished, and pruned ids below are no gap to wait on.
+    first = StoredEvent.objects.order_by("id").values_list("id", flat=True).first()
+    return None if first is None else first - 1
+
+
 def _ready(after: int, rows: list[tuple[int, datetime, Event]]) -> int:
     """How many of ``rows`` (relay rows after ``after``, by id) may be published now.
 
@@ -200,10 +210,10 @@ class Relay:
     async def publish_pending(self) -> int:
         """Publish the relay rows after the cursor that may be published now; returns how many."""
         async with self._lock:
+            # Read every pass: another relay may have moved it while this one stood by.
+            self.position = await sync_to_async(_start_position)(self.name)
             if self.position is None:
-                cursor = await sync_to_async(_load_cursor)(self.name)
-                # A new relay publishes every relay row the log has: they are unpublished.
-                self.position = cursor.position if cursor is not None else 0
+                return 0
             total = 0
             while True:
                 rows = await sync_to_async(_read_pending)(self.position, self.batch_size)
