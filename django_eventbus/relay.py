@@ -12,7 +12,9 @@ again: consumers deduplicate by ``event_id``.
 Ids commit out of order: the relay never passes an id that is missing from the
 log until the row after it is ``GAP_TIMEOUT`` seconds old (the listener's gap
 rule, :func:`~django_eventbus.listener.gap_may_fill`), so a transaction still
-committing is not skipped.
+committing is not skipped — unless, on PostgreSQL, no other session of the
+database is inside a transaction (then the missing ids were rolled back: a
+rolled back savepoint of a bulk job does not hold the relay for ``GAP_TIMEOUT``).
 
 Who runs it and when:
 
@@ -152,6 +154,29 @@ def _start_position(name: str) -> int | None:
     return None if first is None else first - 1
 
 
+def _transactions_open() -> bool:
+    """Whether a transaction that may hold a missing id could still commit.
+
+    A missing id below a visible row belongs to a transaction still open, or to
+    one rolled back (a savepoint too): on PostgreSQL, when no other session of
+    this database is inside a transaction, every gap is permanent and the relay
+    need not wait ``GAP_TIMEOUT`` for it. Elsewhere: assume one is.
+    """
+    connection = connections[StoredEvent.objects.db]
+    if connection.vendor != "postgresql":
+        return True
+    with connection.cursor() as cursor:
+        # xact_start is NULL for sessions of other roles without pg_read_all_stats:
+        # they count as open (the safe side).
+        cursor.execute(
+            "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE datname = current_database()"
+            " AND pid <> pg_backend_pid() AND backend_type = 'client backend'"
+            " AND (xact_start IS NOT NULL OR state IS NULL))"
+        )
+        row = cursor.fetchone()
+    return bool(row and row[0])
+
+
 def _ready(after: int, rows: list[tuple[int, datetime, Event]]) -> int:
     """How many of ``rows`` (relay rows after ``after``, by id) may be published now.
 
@@ -168,7 +193,7 @@ def _ready(after: int, rows: list[tuple[int, datetime, Event]]) -> int:
                 high = middle
             else:
                 low = middle + 1
-        if gap_may_fill(True, rows[low][1], deadline):
+        if gap_may_fill(True, rows[low][1], deadline) and _transactions_open():
             return low
         start, done = rows[low][0], low + 1  # an old gap: a rolled back or pruned id
     return len(rows)
