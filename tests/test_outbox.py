@@ -217,7 +217,9 @@ def peak_memory(work: Callable[[], None]) -> int:
 
 
 @pytest.mark.pgdjango
-@pytest.mark.parametrize(("small", "large"), [(1_000, 5_000), pytest.param(20_000, 100_000, marks=HUGE.marks)])
+@pytest.mark.parametrize(
+    ("small", "large"), [(1_000, 5_000), pytest.param(20_000, 100_000, marks=HUGE.marks)]
+)
 def test_the_writers_memory_does_not_grow_with_the_transaction(
     small: int, large: int, use_bus: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
