@@ -7,6 +7,7 @@ Rows are written here by a plain psycopg connection, like a writer outside Djang
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -24,7 +25,7 @@ from django_eventbus.publishing import make_event, publish
 from django_eventbus.relay import WAKE_CHANNEL, Relay, wake_relay
 from tests.conftest import bus_setting
 from tests.orm import orm
-from tests.test_listener import await_until
+from tests.test_listener import await_until, bus_env, start_listener
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.postgres]
 
@@ -195,3 +196,32 @@ async def test_wake_relay_sends_its_notify_outside_any_transaction(settings: Any
         await orm(wake_relay)
         got = [n.payload async for n in listener.notifies(timeout=5, stop_after=1)]
     assert got == ["default"]
+
+
+async def test_eventbus_listen_runs_the_relay(tmp_path: Any) -> None:
+    s = connection.settings_dict
+    database = (
+        f"postgres://{s['USER'] or 'postgres'}@{s['HOST'] or '127.0.0.1'}:{s['PORT'] or 5432}/{s['NAME']}"
+    )
+    prefix = f"r{uuid.uuid4().hex[:10]}"
+    bus: BaseEventBus = create_event_bus(  # type: ignore[assignment]
+        {
+            "backend": "postgres",
+            "connection_string": django_database_conninfo("default"),
+            "channel_prefix": prefix,
+        }
+    )
+    await bus.connect()
+    received = await subscribe(bus)
+    process = await asyncio.to_thread(start_listener, bus_env("postgres", prefix), tmp_path / "rec", database)
+    try:
+        await asyncio.to_thread(insert, ["ext:from-outside", "ext:django-free"])
+        await await_until(lambda: len(received.events) >= 2, timeout=20, what="events relayed by the command")
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(process.wait, 20) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        await bus.close()
+    assert received.topics == ["ext:from-outside", "ext:django-free"]
