@@ -313,7 +313,7 @@ class Relay:
                     # Woken by a writer's NOTIFY, or polling for writers outside Django.
                     async for _ in conn.notifies(timeout=self.interval, stop_after=1):
                         pass
-            except psycopg.OperationalError as exc:
+            except psycopg.Error as exc:  # the session (and with it the lock) is gone
                 self.active = False
                 delay = next(delays)
                 logger.warning("event relay: database connection lost (%s); retrying in %.2fs", exc, delay)
