@@ -36,6 +36,7 @@ HUGE = pytest.param(
     100_000,
     marks=[
         pytest.mark.slow,
+        pytest.mark.timeout(900),
         pytest.mark.skipif(
             os.environ.get("EVENTBUS_TEST_100K") != "1", reason="set EVENTBUS_TEST_100K=1 (scripts/test does)"
         ),
