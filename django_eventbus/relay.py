@@ -160,9 +160,12 @@ def _transactions_open() -> bool:
     A missing id below a visible row belongs to a transaction still open, or to
     one rolled back (a savepoint too): on PostgreSQL, when no other session of
     this database is inside a transaction, every gap is permanent and the relay
-    need not wait ``GAP_TIMEOUT`` for it. Elsewhere: assume one is.
+    need not wait ``GAP_TIMEOUT`` for it. SQLite has one writer at a time: an id
+    below a committed row can no longer commit. Other databases: assume one may.
     """
     connection = connections[StoredEvent.objects.db]
+    if connection.vendor == "sqlite":
+        return False
     if connection.vendor != "postgresql":
         return True
     with connection.cursor() as cursor:

@@ -231,3 +231,21 @@ def test_the_writers_memory_does_not_grow_with_the_transaction(
     # Five times the events, not five times the memory: only the buffer is kept.
     assert peaks[large] < peaks[small] * 1.5, peaks
     assert StoredEvent.objects.count() == small + large
+
+
+async def test_a_started_relay_publishes_rows_written_without_a_wake() -> None:
+    # PostgreSQL: the exclusive relay's poll; SQLite: the polling relay (one listener assumed).
+    bus: BaseEventBus = create_event_bus("memory://")  # type: ignore[assignment]
+    await bus.connect()
+    got: list[Event] = []
+    await bus.subscribe("ops:*", got.append, pattern="ops:*")
+    relay = Relay(bus, interval=0.05)
+    await relay.start()
+    try:
+        events = [make_event("ops:polled", payload={"i": i}) for i in range(3)]
+        await orm(lambda: [StoredEvent.from_event(e, relay=True).save() for e in events])
+        await await_until(lambda: len(got) >= 3, timeout=10, what="polled rows published")
+    finally:
+        await relay.stop()
+        await bus.close()
+    assert [e.event_id for e in got] == [e.event_id for e in events]
