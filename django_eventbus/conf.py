@@ -30,6 +30,11 @@ DEFAULTS: dict[str, Any] = {
     "PUBLISH_TIMEOUT": 10.0,
     "CATCHUP_INTERVAL": 2.0,
     "GAP_TIMEOUT": 30.0,
+    # Events one transaction keeps in memory for publishing after commit; the rest
+    # are published by the relay from the log (docs/guarantees.md).
+    "PUBLISH_BUFFER": 10_000,
+    # Seconds between the relay's polls of the log (it is also woken after commit).
+    "RELAY_INTERVAL": 0.2,
     "CELERY_ROUTES": {},
     # The admin's "Follow live" websocket (docs/operations.md); None hides the toggle.
     "ADMIN_WEBSOCKET_URL": "/ws/events/",
@@ -126,6 +131,18 @@ class EventBusSettings:
     @property
     def PUBLISH_TIMEOUT(self) -> float:
         return float(self.get("PUBLISH_TIMEOUT"))
+
+    @property
+    def PUBLISH_BUFFER(self) -> int:
+        return int(self.get("PUBLISH_BUFFER"))
+
+    @property
+    def RELAY_INTERVAL(self) -> float:
+        return float(self.get("RELAY_INTERVAL"))
+
+    @property
+    def GAP_TIMEOUT(self) -> float:
+        return float(self.get("GAP_TIMEOUT"))
 
     @property
     def ADMIN_WEBSOCKET_URL(self) -> str | None:

@@ -31,7 +31,7 @@ import contextlib
 import logging
 import time
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -47,12 +47,27 @@ from .events.dispatch import call_handler
 from .events.types import Event, EventType, Subscription
 from .models import ConsumerCursor, DeadLetter, StoredEvent
 
-__all__ = ["ConsumerRunner", "Listener"]
+__all__ = ["ConsumerRunner", "Listener", "event_from_row", "gap_deadline", "gap_may_fill"]
 
 logger = logging.getLogger("django_eventbus")
 
 #: in-memory dedup window (event ids) against late live copies of caught-up events
 RECENT = 20_000
+
+
+def gap_deadline() -> datetime:
+    """Rows stamped after this moment may still see lower ids commit before them (``GAP_TIMEOUT``)."""
+    return datetime.now(timezone.utc) - timedelta(seconds=conf.GAP_TIMEOUT)
+
+
+def gap_may_fill(missing: bool, timestamp: datetime, deadline: datetime) -> bool:
+    """Whether ids ``missing`` below a row stamped ``timestamp`` may still commit: then wait for them.
+
+    Log ids are allocated at INSERT and become visible at COMMIT, so a gap is a
+    transaction still running, or one rolled back (a permanent gap). A gap before a
+    row older than ``deadline`` is taken as permanent.
+    """
+    return missing and timestamp > deadline
 
 
 class ConsumerRunner:
@@ -179,13 +194,13 @@ class ConsumerRunner:
                 break
             wanted = [r[0] for r in rows if self.consumer.matches(r[2]) and not self.seen(r[1])]
             events = await sync_to_async(_read_events)(wanted) if wanted else {}
-            gap_deadline = datetime.now(timezone.utc) - timedelta(seconds=conf.get("GAP_TIMEOUT"))
+            deadline = gap_deadline()
             async with self.lock:
                 expected = self.position + 1
                 blocked = False
                 unsaved = 0
                 for row_id, event_id, _topic, timestamp in rows:
-                    if row_id != expected and not blocked and timestamp > gap_deadline:
+                    if not blocked and gap_may_fill(row_id != expected, timestamp, deadline):
                         blocked = True  # ids below row_id may still commit: keep position here
                     event = events.get(row_id)
                     handle = event is not None and not self.seen(event_id)
@@ -377,22 +392,28 @@ def _read_ids(after: int, limit: int) -> list[tuple[int, str, str, datetime]]:
 
 def _read_events(ids: list[int]) -> dict[int, Event]:
     # values_list, not model instances: catch-up reads many rows and only needs the events.
-    rows = StoredEvent.objects.filter(id__in=ids).values_list(
-        "id", "event_id", "type", "topic", "payload", "timestamp", "source", "correlation_id", "metadata"
+    rows = StoredEvent.objects.filter(id__in=ids).values_list(*EVENT_COLUMNS)
+    return {row[0]: event_from_row(row) for row in rows}
+
+
+#: The log columns :func:`event_from_row` reads, in its order.
+EVENT_COLUMNS = (
+    "id", "event_id", "type", "topic", "payload", "timestamp", "source", "correlation_id", "metadata"
+)  # fmt: skip
+
+
+def event_from_row(row: Sequence[Any]) -> Event:
+    """The event of a log row read as ``values_list(*EVENT_COLUMNS)``."""
+    return Event(
+        type=EventType(row[2]),
+        topic=row[3],
+        payload=row[4] or {},
+        timestamp=row[5],
+        event_id=row[1],
+        source=row[6],
+        correlation_id=row[7],
+        metadata=row[8] or {},
     )
-    return {
-        row[0]: Event(
-            type=EventType(row[2]),
-            topic=row[3],
-            payload=row[4] or {},
-            timestamp=row[5],
-            event_id=row[1],
-            source=row[6],
-            correlation_id=row[7],
-            metadata=row[8] or {},
-        )
-        for row in rows
-    }
 
 
 def _dead_letter(name: str, event: Event, exc: BaseException, attempts: int) -> None:

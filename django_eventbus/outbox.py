@@ -1,187 +1,170 @@
 """From "this happened" to "it is recorded and will be published once committed".
 
 :func:`emit` is the one path every event of the Django layer takes (model
-signals, bulk helpers, ``publish()``).
+signals, bulk helpers, ``publish()``). It uses Django's public transaction API:
 
-Inside a transaction (``atomic``, ``ATOMIC_REQUESTS``) the events wait in a
-buffer until the transaction commits:
+1. the log rows are INSERTed at once, in the caller's transaction (so code in
+   the transaction sees them in ``StoredEvent``, and they commit or roll back
+   with the change);
+2. the events wait in a buffer and are published after commit, from a
+   ``transaction.on_commit(..., robust=True)`` callback, through the process's
+   bus — whatever the transport (``postgres://`` on Django's own database too:
+   no NOTIFY inside the writing transaction, so committing never takes
+   PostgreSQL's global notify lock).
 
-1. right before COMMIT, in the same transaction, the log rows are written (and,
-   with the PostgreSQL bus on Django's own database, the NOTIFYs ride in that
-   same statement). On psycopg 3 the COMMIT itself is appended to that
-   statement, so a tracked save costs no round trip more than an untracked one
-   (round trips are most of the price of a save: 3 for ``BEGIN; INSERT;
-   COMMIT``). The rows exist if and only if the change commits, and PostgreSQL
-   delivers the NOTIFYs at that commit or never;
-2. after commit the other transports publish the buffer.
+A rolled back savepoint discards exactly its own events: the buffer is one
+``on_commit`` callback per savepoint level, which Django drops with the
+savepoint. One callback per level, not per event: Django drains that queue with
+``list.pop(0)``, quadratic for a bulk job with 100k events. Finding the level's
+callback again needs two undocumented connection attributes; they are read in
+one place, :func:`on_commit_state`, which falls back to one callback per
+:func:`emit` call if a Django version lacks them.
 
-A rolled back savepoint discards exactly its own events: the buffer is kept as
-one ``on_commit`` callback per savepoint level, which Django drops with the
-savepoint. (One callback per level, not per event: Django drains that queue with
-``list.pop(0)``, quadratic for a bulk job with 100k events.)
+Bounded memory: a transaction keeps at most ``PUBLISH_BUFFER`` events for
+after-commit publishing. Events emitted beyond it are inserted with
+``relay = true`` and not kept; after commit (once the buffered events reached
+the transport, so order holds) the writer wakes the relay
+(:mod:`django_eventbus.relay`), which publishes them from the log. With
+``STORE_EVENTS`` off there is no log to relay from, so everything is buffered.
 
-Django has no "before commit" signal, so the write is hooked into the
-connection's ``_commit`` (see :func:`_hook_commit`). If a commit bypasses it
-(e.g. ``TestCase.captureOnCommitCallbacks(execute=True)``, which runs the
-callbacks without committing), the callback writes the rows itself before
-publishing. Outside a transaction (autocommit) Django has already committed the
-change when the signal fires: the rows are written and published at once.
+Outside a transaction (autocommit) Django has already committed the change when
+the signal fires: the rows are written (in one transaction of their own) and
+published right away.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Callable, Sequence
-from functools import lru_cache
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from django.db import connections
+from django.db import connections, transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
 
 from .conf import conf
 from .events import Event
+from .relay import is_wake_callback, wake_after_commit
 from .runtime import get_runner
 from .store import record
 
-__all__ = ["emit", "flush_pending"]
+__all__ = ["emit", "flush_pending", "on_commit_state"]
 
 logger = logging.getLogger("django_eventbus")
 
 
+class _Transaction:
+    """What the savepoint levels of one transaction share: how many events are buffered."""
+
+    __slots__ = ("buffered",)
+
+    def __init__(self) -> None:
+        self.buffered = 0
+
+
 class _Flush:
-    """The on_commit callback of one transaction (or savepoint level): its buffered events."""
+    """The on_commit callback of one savepoint level: its buffered events."""
 
-    __slots__ = ("connection", "events", "via_database", "written")
+    __slots__ = ("events", "txn", "wait")
 
-    def __init__(self, connection: BaseDatabaseWrapper) -> None:
-        self.connection = connection
+    def __init__(self, txn: _Transaction) -> None:
+        self.txn = txn
         self.events: list[Event] = []
-        self.written = False  # set once the log rows / NOTIFYs went out in the transaction
-        self.via_database = False  # the NOTIFYs were the transport: nothing to publish after commit
+        # The relay will publish this transaction's overflow once woken: everything
+        # buffered must have reached the transport by then, so events keep log order.
+        self.wait = False
 
     def __call__(self) -> None:
-        if not self.written:
-            # The commit did not go through the hook (the callbacks are being run by hand).
-            _write(self.events, self.connection, [self])
-        if not self.via_database:
-            _publish_now(self.events)
+        _publish_now(self.events, wait=self.wait)
 
 
 def emit(events: Sequence[Event], using: str | None = None) -> None:
     """Record ``events`` and publish them when the current transaction commits."""
     if not events:
         return
-    connection = connections[using or conf.DATABASE_ALIAS]
-    if connection.in_atomic_block:
-        _hook_commit(connection)
-        _current_flush(connection).events.extend(events)
+    alias = using or conf.DATABASE_ALIAS
+    connection = connections[alias]
+    if not connection.in_atomic_block:
+        # Autocommit: the change is already committed. One transaction for the rows
+        # (several INSERTs for a bulk write), published when it commits.
+        with transaction.atomic(using=alias):
+            emit(events, alias)
         return
-    # Autocommit: the change is already committed.
-    flush = _Flush(connection)
-    flush.events.extend(events)
-    flush()
+    flush = _current_flush(connection)
+    keep = len(events)
+    if conf.STORE_EVENTS:
+        keep = max(0, min(keep, conf.PUBLISH_BUFFER - flush.txn.buffered))
+        record(events[:keep], connection)
+        if keep < len(events):
+            record(events[keep:], connection, relay=True)
+            flush.wait = True
+            wake_after_commit(alias)
+    flush.events.extend(events[:keep])
+    flush.txn.buffered += keep
+
+
+def on_commit_state(
+    connection: BaseDatabaseWrapper,
+) -> tuple[frozenset[str], Iterator[tuple[frozenset[str], Callable[[], Any]]]] | None:
+    """The current savepoint level and the on_commit callbacks still due, newest first.
+
+    Each is a set of savepoint ids: a callback registered at ``ids`` survives
+    everything a callback registered now survives when ``ids <= current``.
+    Django keeps these in ``connection.savepoint_ids`` and ``connection.run_on_commit``
+    (entries ``(savepoint ids, func, robust)``), which are not documented API:
+    this is the one place that reads them. ``None`` (a Django without them)
+    means: register a callback per call. A ``None`` savepoint id marks an
+    ``atomic(savepoint=False)`` block (Django's deletion collector uses one),
+    which cannot roll back on its own: it is its parent's level.
+    """
+    wrapper: Any = connection  # typed loosely: the point is to survive their absence
+    current = getattr(wrapper, "savepoint_ids", None)
+    pending = getattr(wrapper, "run_on_commit", None)
+    if not isinstance(current, list) or not isinstance(pending, list):
+        return None
+    level = frozenset(current) - {None}
+    return level, ((frozenset(entry[0]) - {None}, entry[1]) for entry in reversed(pending))
 
 
 def _current_flush(connection: BaseDatabaseWrapper) -> _Flush:
     # Reuse the last callback while we are at the same savepoint level, so a rolled
-    # back savepoint discards exactly its own events (Django drops its callbacks) and
-    # events keep their order across levels. run_on_commit holds (sids, func, robust).
-    # ``None`` marks an atomic(savepoint=False) block (Django's deletion collector uses
-    # one): it cannot roll back on its own, so it is the same level as its parent.
-    sids = set(connection.savepoint_ids) - {None}
-    pending = connection.run_on_commit
-    if pending:
-        last_sids, last_func = pending[-1][0], pending[-1][1]
-        if isinstance(last_func, _Flush) and set(last_sids) - {None} == sids:
-            return last_func
-    flush = _Flush(connection)
-    connection.on_commit(flush)
+    # back savepoint discards exactly its own events and events keep their order
+    # across levels; a new level shares the transaction's buffer count.
+    state = on_commit_state(connection)
+    txn: _Transaction | None = None
+    if state is not None:
+        current, pending = state
+        newest = True  # no other callback registered after it (the relay's wake aside)
+        for sids, func in pending:
+            if is_wake_callback(func):
+                continue
+            if isinstance(func, _Flush):
+                if newest and sids == current:
+                    return func
+                txn = func.txn
+                break
+            newest = False
+    flush = _Flush(txn or _Transaction())
+    connection.on_commit(flush, robust=True)
     return flush
 
 
-def _hook_commit(connection: BaseDatabaseWrapper) -> None:
-    """Make this connection write the buffered events right before it commits.
-
-    Django has no pre-commit hook; ``BaseDatabaseWrapper.commit()`` calls
-    ``self._commit()``, which this shadows on the instance (once per connection
-    object, chaining whatever was there). ``atomic`` reaches it with the atomic
-    block already closed, so the write may use a cursor like any query.
-    """
-    wrapper: Any = connection  # _commit is not in the type stubs: it is Django's internal
-    if getattr(wrapper, "_eventbus_hooked", False):
-        return
-    commit: Callable[[], Any] = wrapper._commit
-
-    def _commit() -> Any:
-        # run_on_commit holds (savepoint ids, callback, robust) for the callbacks still due.
-        flushes = [
-            entry[1]
-            for entry in connection.run_on_commit
-            if isinstance(entry[1], _Flush) and not entry[1].written
-        ]
-        if flushes:
-            try:
-                committed = _write([e for f in flushes for e in f.events], connection, flushes, commit=True)
-            except BaseException:
-                # atomic() only rolls back on DatabaseError; leave no half-open transaction.
-                with contextlib.suppress(Exception):
-                    connection.rollback()
-                raise
-            if committed:
-                return None  # psycopg's commit() is a no-op on an idle connection; skip it too
-        return commit()
-
-    wrapper._commit = _commit
-    wrapper._eventbus_hooked = True
-
-
-def _write(
-    events: list[Event], connection: BaseDatabaseWrapper, flushes: list[_Flush], commit: bool = False
-) -> bool:
-    """Write the log rows and in-database NOTIFYs of ``events``; True if this also committed."""
-    notes = db_notifications(events, connection)
-    committed = record(events, connection, notes or (), store=conf.STORE_EVENTS, commit=commit)
-    for flush in flushes:
-        flush.written = True
-        flush.via_database = notes is not None
-    return committed
-
-
-def _publish_now(events: list[Event]) -> None:
+def _publish_now(events: list[Event], wait: bool = False) -> None:
     try:
-        get_runner().publish_many(events)
+        runner = get_runner()
+        if events:
+            runner.publish_many(events, wait=wait)
+        elif wait:
+            runner.flush(conf.PUBLISH_TIMEOUT)
     except Exception:
         # The change is committed: never turn a transport failure into a failed request.
         # The rows are in the log (with STORE_EVENTS) and listeners catch up from it.
         logger.exception(
-            "publishing %d event(s) after commit failed (first: %s)", len(events), events[0].event_id
+            "publishing %d event(s) after commit failed (first: %s)",
+            len(events),
+            events[0].event_id if events else "-",
         )
 
 
 def flush_pending(timeout: float = 10.0) -> None:
     """Wait until events handed to the bus so far were published (useful in tests)."""
     get_runner().flush(timeout)
-
-
-def db_notifications(
-    events: Sequence[Event], connection: BaseDatabaseWrapper
-) -> list[tuple[str, str]] | None:
-    """NOTIFY pairs when the bus is PostgreSQL on this very database, else ``None``."""
-    if not conf.uses_django_database():
-        return None
-    if connection.vendor != "postgresql" or connection.alias != conf.DATABASE_ALIAS:
-        return None
-    encoder = _encoder(conf.raw_bus_config().get("channel_prefix", "events"))
-    notes: list[tuple[str, str]] = []
-    for event in events:
-        notes.extend(encoder.notifications_for(event))
-    return notes
-
-
-@lru_cache(maxsize=8)
-def _encoder(channel_prefix: str) -> Any:
-    from .events.postgres import PostgresEventBus
-
-    # Never connected: only used to encode NOTIFY payloads exactly as the backend does.
-    return PostgresEventBus(connection_string="", channel_prefix=channel_prefix)

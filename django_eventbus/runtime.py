@@ -52,6 +52,7 @@ class BusRunner:
         self._thread = threading.Thread(target=self._run, name="django-eventbus", daemon=True)
         self._bus: BaseEventBus | None = None
         self._listener: Any = None
+        self._relay: Any = None
         self._connecting: asyncio.Lock | None = None
         self._outbox: collections.deque[Event] = collections.deque()
         self._outbox_changed = threading.Condition()
@@ -110,6 +111,12 @@ class BusRunner:
 
                 self._listener = Listener(bus, get_consumers(), catch_up=False)
                 await self._listener.start()
+                if conf.STORE_EVENTS:
+                    from .relay import Relay
+
+                    # Run by run_relay() when a writer wakes it: no polling (no other
+                    # process can write to a memory bus's log without waking it).
+                    self._relay = Relay(bus)
         return self._bus
 
     # -- running coroutines on the bus loop ----------------------------------
@@ -143,6 +150,21 @@ class BusRunner:
         if self.in_runner_thread():
             return await factory(await self._ensure_bus())
         return await asyncio.wrap_future(self.submit(factory))
+
+    def run_relay(self) -> None:
+        """Publish the log's pending relay rows on this (memory) bus, on the bus loop.
+
+        :meth:`flush` waits for it, like for any submitted work.
+        """
+
+        async def run(bus: BaseEventBus) -> None:
+            if self._relay is not None:
+                try:
+                    await self._relay.publish_pending()
+                except Exception:
+                    logger.exception("the in-process event relay failed; the next wake retries")
+
+        self.submit(run)
 
     # -- conveniences -----------------------------------------------------------
 

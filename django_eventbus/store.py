@@ -1,17 +1,11 @@
-"""Writing events to the log, inside the caller's transaction, in as few round trips as possible.
+"""Writing events to the log, inside the caller's transaction.
 
-Round trips are the cost of a tracked save (a raw ``INSERT; pg_notify`` in
-one statement ran at 2,620/s here against 1,398/s as two statements), so the
-log rows of a batch go in one multi-row ``INSERT``, and on PostgreSQL the
-NOTIFYs of the same events ride in that very statement as a data-modifying
-CTE: ``WITH ins AS (INSERT …) SELECT pg_notify(%s, %s), …``. Everything is
-parameterised; only table and column names (from the model) are quoted in.
-
-Asked to ``commit`` (the outbox writes right before the transaction commits),
-on psycopg 3 the last statement is sent as ``…; COMMIT`` in one simple-protocol
-query: the write then costs no round trip of its own. The parameters are bound
-client-side by psycopg (``compose_sql``) for that, whatever ``server_side_binding``
-says. psycopg's own ``commit()`` is a no-op on the idle connection that leaves.
+The rows of a batch go in one multi-row ``INSERT`` (a parameterised statement;
+only table and column names, from the model, are quoted in), a few hundred rows a
+statement so the parameter count stays within every backend's limit. Nothing
+else rides in that statement: the log row is written when the event is emitted,
+in the transaction of the change, and publishing happens after commit
+(:mod:`django_eventbus.outbox`).
 """
 
 from __future__ import annotations
@@ -27,69 +21,41 @@ from .models import StoredEvent
 
 __all__ = ["record"]
 
-_COLUMNS = ("event_id", "type", "topic", "payload", "timestamp", "source", "correlation_id", "metadata")
-# PostgreSQL allows 65,535 parameters a statement; stay well below with room for notifications.
+_COLUMNS = (
+    "event_id",
+    "type",
+    "topic",
+    "payload",
+    "timestamp",
+    "source",
+    "correlation_id",
+    "metadata",
+    "relay",
+)
+# Rows per INSERT: PostgreSQL allows 65,535 parameters a statement; SQLite's limit is
+# read from the connection (bulk_batch_size).
 _BATCH = 500
 
 
-def record(
-    events: Sequence[Event],
-    connection: BaseDatabaseWrapper,
-    notifications: Sequence[tuple[str, str]] = (),
-    store: bool = True,
-    commit: bool = False,
-) -> bool:
-    """Insert ``events`` into the log (if ``store``) and send ``notifications`` in the same statement(s).
+def record(events: Sequence[Event], connection: BaseDatabaseWrapper, *, relay: bool = False) -> None:
+    """Insert ``events`` into the log on ``connection``, in its current transaction.
 
-    With ``commit``, the transaction is committed by the last statement when the
-    driver allows it; returns whether it was.
+    ``relay`` marks rows the writer will not publish itself: the relay
+    (:mod:`django_eventbus.relay`) publishes them from the log.
     """
-    statements: list[tuple[str, list[Any]]] = []
-    if store:
-        notes = list(notifications)
-        for start in range(0, len(events), _BATCH):
-            batch = events[start : start + _BATCH]
-            # All notifications ride with the last batch, after every row is inserted.
-            last = start + _BATCH >= len(events)
-            statements.append(_insert(batch, connection, notes if last else []))
-    else:
-        for start in range(0, len(notifications), _BATCH):
-            batch_notes = notifications[start : start + _BATCH]
-            params = [value for note in batch_notes for value in note]
-            statements.append(("SELECT " + ", ".join(["pg_notify(%s, %s)"] * len(batch_notes)), params))
-    if not statements:
-        return False
-    merge = commit and _can_merge_commit(connection)
+    if not events:
+        return
+    size = max(1, min(_BATCH, connection.ops.bulk_batch_size(list(_COLUMNS), list(events[:_BATCH]))))
     with connection.cursor() as cursor:
-        for sql, params in statements[:-1]:
-            cursor.execute(sql, params)
-        sql, params = statements[-1]
-        if merge:
-            ops: Any = connection.ops  # PostgreSQL's operations have compose_sql (client-side binding)
-            cursor.execute(ops.compose_sql(sql, params) + "; COMMIT")
-        else:
-            cursor.execute(sql, params)
-    return merge
+        for start in range(0, len(events), size):
+            cursor.execute(*_insert(events[start : start + size], connection, relay))
 
 
-def _can_merge_commit(connection: BaseDatabaseWrapper) -> bool:
-    # psycopg 3 sends a parameterless execute with the simple query protocol (several
-    # statements allowed) and reads the transaction state from the server afterwards.
-    # psycopg2 tracks it itself and would send a second, warning COMMIT.
-    if connection.vendor != "postgresql":
-        return False
-    from django.db.backends.postgresql.psycopg_any import is_psycopg3
-
-    return is_psycopg3
-
-
-def _insert(
-    batch: Sequence[Event], connection: BaseDatabaseWrapper, notes: list[tuple[str, str]]
-) -> tuple[str, list[Any]]:
+def _insert(batch: Sequence[Event], connection: BaseDatabaseWrapper, relay: bool) -> tuple[str, list[Any]]:
     qn = connection.ops.quote_name
     table = qn(StoredEvent._meta.db_table)
     json_cast = "::jsonb" if connection.vendor == "postgresql" else ""
-    row = f"(%s, %s, %s, %s{json_cast}, %s, %s, %s, %s{json_cast})"
+    row = f"(%s, %s, %s, %s{json_cast}, %s, %s, %s, %s{json_cast}, %s)"
     params: list[Any] = []
     for event in batch:
         params += [
@@ -101,15 +67,7 @@ def _insert(
             event.source,
             event.correlation_id,
             dumps(event.metadata),
+            relay,
         ]
-    insert = (
-        f"INSERT INTO {table} ({', '.join(qn(c) for c in _COLUMNS)}) VALUES {', '.join([row] * len(batch))}"
-    )
-    if notes:
-        assert connection.vendor == "postgresql", "NOTIFY only exists on PostgreSQL"
-        sql = f"WITH ins AS ({insert} RETURNING 1) SELECT {', '.join(['pg_notify(%s, %s)'] * len(notes))}"
-        for channel, payload in notes:
-            params += [channel, payload]
-    else:
-        sql = insert
-    return sql, params
+    columns = ", ".join(qn(c) for c in _COLUMNS)
+    return f"INSERT INTO {table} ({columns}) VALUES {', '.join([row] * len(batch))}", params

@@ -244,7 +244,7 @@ PUBLISHER_DIES = """
 import os, django
 django.setup()
 from django_eventbus import outbox
-outbox._publish_now = lambda events: os._exit(0)  # dies after COMMIT, before the publish
+outbox._publish_now = lambda events, wait=False: os._exit(0)  # dies after COMMIT, before the publish
 from testproject.inventory.models import Product
 Product.objects.create(name="orphan")
 raise SystemExit("not reached")

@@ -19,6 +19,7 @@ from django.test import Client
 import django_eventbus
 from django_eventbus.events import Event, EventSerializationError, EventType
 from django_eventbus.models import StoredEvent
+from django_eventbus.outbox import flush_pending
 from django_eventbus.publishing import make_event, publish
 from django_eventbus.testing import CapturedEvents, capture_events
 from testproject.inventory.models import Color, Order, Product, Shipment
@@ -118,11 +119,11 @@ def test_savepoint_rollback_inside_committed_transaction(captured_events: Captur
     assert sorted(StoredEvent.objects.values_list("payload__fields__name", flat=True)) == sorted(names)
 
 
-def test_log_rows_are_written_at_commit_and_published_after_it() -> None:
+def test_log_rows_are_written_when_emitted_and_published_after_commit() -> None:
     with capture_events() as events, transaction.atomic():
         Product.objects.create(name="P")
-        # Buffered: written by the transaction's last statement, right before COMMIT.
-        assert StoredEvent.objects.count() == 0
+        # In the log at once (this transaction sees its own rows); published only after commit.
+        assert StoredEvent.objects.count() == 1
         assert len(events) == 0
     assert StoredEvent.objects.count() == 1
     events.wait_for(1)
@@ -134,7 +135,7 @@ def test_a_log_write_that_fails_at_commit_rolls_the_change_back(captured_events:
     publish("ops:clash", clash)  # autocommit: in the log now
     with pytest.raises(IntegrityError), transaction.atomic():
         Product.objects.create(name="Doomed")
-        publish("ops:clash", clash)  # same event_id: the log's unique index refuses it at commit
+        publish("ops:clash", clash)  # same event_id: the log's unique index refuses it
     assert not Product.objects.filter(name="Doomed").exists()
     assert StoredEvent.objects.filter(event_id=clash.event_id).count() == 1
     # The connection is usable and the next transaction is recorded as usual.
@@ -376,7 +377,7 @@ def test_real_backends_deliver_model_events_and_nothing_on_rollback(bus: str, us
 
 
 @pytest.mark.pgdjango
-def test_notify_through_djangos_connection_is_delivered_at_commit(use_bus: Any) -> None:
+def test_notify_on_djangos_database_is_sent_after_commit(use_bus: Any) -> None:
     settings_value = use_bus("postgres-django")
     import psycopg
 
@@ -392,6 +393,7 @@ def test_notify_through_djangos_connection_is_delivered_at_commit(use_bus: Any) 
         with transaction.atomic():
             Product.objects.create(name="in-tx")
             assert received() == []  # not before commit
+        flush_pending()  # the bus publishes from its own connection once the commit is done
         after = received()
         assert len(after) == 1 and json.loads(after[0])["payload"]["fields"]["name"] == "in-tx"
         with pytest.raises(RuntimeError), transaction.atomic():
@@ -402,8 +404,8 @@ def test_notify_through_djangos_connection_is_delivered_at_commit(use_bus: Any) 
 
 
 @pytest.mark.pgdjango
-def test_a_tracked_save_costs_no_round_trip_more_than_an_untracked_one(use_bus: Any) -> None:
-    """The log row and the NOTIFY ride in the statement that commits (psycopg 3)."""
+def test_a_tracked_save_adds_one_insert_and_no_notify_to_the_transaction(use_bus: Any) -> None:
+    """The log row is one more INSERT in the transaction; the NOTIFY goes out after COMMIT."""
     from django.test.utils import CaptureQueriesContext
 
     tracked = use_bus("postgres-django")["MODELS"]
@@ -411,24 +413,21 @@ def test_a_tracked_save_costs_no_round_trip_more_than_an_untracked_one(use_bus: 
     with CaptureQueriesContext(connection) as untracked, transaction.atomic():
         Product.objects.create(name="not counted")
     use_bus("postgres-django", MODELS=tracked)
-    with CaptureQueriesContext(connection) as queries, transaction.atomic():
-        Product.objects.create(name="counted")
+    with capture_events("inventory:*") as events:
+        with CaptureQueriesContext(connection) as queries, transaction.atomic():
+            Product.objects.create(name="counted")
+        events.wait_for(1)
     assert [q["sql"][:6] for q in untracked.captured_queries] == ["BEGIN", "INSERT", "COMMIT"]
     sql = [q["sql"] for q in queries.captured_queries]
-    assert len(sql) == 3, sql  # BEGIN, the product INSERT, then log INSERT + NOTIFY + COMMIT in one
-    assert sql[2].startswith("WITH ins AS (INSERT INTO") and sql[2].endswith("; COMMIT")
-    assert "pg_notify" in sql[2]
-    # Committed for everyone, and the connection is idle and reusable.
+    assert [q[:6] for q in sql] == ["BEGIN", "INSERT", "INSERT", "COMMIT"], sql
+    assert sql[2].startswith('INSERT INTO "django_eventbus_event"')
+    assert not any("notify" in q.lower() for q in sql)  # no global notify lock at this COMMIT
     assert StoredEvent.objects.filter(payload__fields__name="counted").count() == 1
-    assert connection.connection.info.transaction_status == 0  # psycopg IDLE
-    with transaction.atomic():
-        Product.objects.create(name="again")
-    assert StoredEvent.objects.count() == 2
 
 
 def test_callbacks_run_by_hand_still_write_the_log(django_capture_on_commit_callbacks: Any) -> None:
     # TestCase.captureOnCommitCallbacks(execute=True) runs on_commit callbacks without a
-    # commit: the rows must be written then, as they would have been at the commit.
+    # commit: the rows are in the log already (written when emitted), and roll back with it.
     with transaction.atomic():  # what TestCase wraps each test in (never committed)
         with django_capture_on_commit_callbacks(execute=True) as callbacks:
             Product.objects.create(name="in a TestCase")

@@ -19,6 +19,7 @@ from django_eventbus.events.codec import dumps
 from django_eventbus.listener import Listener, position_for_since
 from django_eventbus.management.base import EventbusCommand
 from django_eventbus.metrics import register_bus
+from django_eventbus.relay import Relay
 
 
 def format_line(event: Event, width: int = 100) -> str:
@@ -46,6 +47,13 @@ class Command(EventbusCommand):
             help="run the registered consumers (default: only when no topic is given)",
         )
         parser.add_argument("--since", help="first replay the log after this event id or ISO 8601 time")
+        parser.add_argument(
+            "--relay",
+            action=argparse.BooleanOptionalAction,
+            default=None,
+            help="also run the relay, which publishes log rows no writer published "
+            "(default: with the consumers; one is active per database)",
+        )
         parser.add_argument(
             "--shutdown-timeout", type=float, default=10.0, help="seconds to let handlers finish"
         )
@@ -79,7 +87,12 @@ class Command(EventbusCommand):
             for t in topics
         ]
         consumers = get_consumers() if run_consumers else []
-        asyncio.run(self._run(printers, consumers, start_after, options["shutdown_timeout"]))
+        relay = options["relay"] if options["relay"] is not None else run_consumers
+        if relay and not conf.STORE_EVENTS:
+            if options["relay"]:
+                raise CommandError("--relay needs the event log (EVENTBUS['STORE_EVENTS'] is off)")
+            relay = False
+        asyncio.run(self._run(printers, consumers, start_after, options["shutdown_timeout"], relay))
 
     def _printer(self, as_json: bool) -> Any:
         out = sys.stdout
@@ -91,7 +104,12 @@ class Command(EventbusCommand):
         return show
 
     async def _run(
-        self, printers: list[Consumer], consumers: list[Consumer], start_after: int | None, timeout: float
+        self,
+        printers: list[Consumer],
+        consumers: list[Consumer],
+        start_after: int | None,
+        timeout: float,
+        run_relay: bool,
     ) -> None:
         config = await sync_to_async(conf.bus_config)()
         bus: BaseEventBus = create_event_bus(config)  # type: ignore[assignment]
@@ -102,7 +120,10 @@ class Command(EventbusCommand):
         await bus.connect()
         register_bus(bus)  # its counters show in metrics.get_stats() of this process
         listeners = []
+        relay = Relay(bus) if run_relay else None
         try:
+            if relay is not None:
+                await relay.start()
             if printers:
                 listeners.append(Listener(bus, printers, start_after=start_after))
             if consumers:
@@ -110,11 +131,15 @@ class Command(EventbusCommand):
             for listener in listeners:
                 await listener.start()
             names = ", ".join(c.name for c in consumers) or "-"
-            self.stderr.write(f"listening on {bus.backend_name} bus; consumers: {names}")
+            self.stderr.write(
+                f"listening on {bus.backend_name} bus; consumers: {names}; relay: {'on' if relay else 'off'}"
+            )
             self.stderr.flush()
             await stop.wait()
             self.stderr.write("shutting down")
         finally:
+            if relay is not None:
+                await relay.stop()
             for listener in listeners:
                 await listener.stop(timeout)
             await bus.close()

@@ -1,0 +1,333 @@
+"""The relay: publishes the log rows whose writer did not publish them, in log order.
+
+Rows with ``relay = true`` are events nobody holds in memory: those a
+transaction emitted beyond ``PUBLISH_BUFFER`` (see :mod:`django_eventbus.outbox`),
+and rows written by the database itself (database capture). The relay reads
+them after its cursor (a :class:`~django_eventbus.models.ConsumerCursor` named
+``"django_eventbus.relay"``) through the partial index ``eventbus_relay``,
+publishes them with ``bus.publish_many`` in id order and saves the cursor after
+each batch. A crash between a publish and the cursor save publishes that batch
+again: consumers deduplicate by ``event_id``.
+
+Ids commit out of order: the relay never passes an id that is missing from the
+log until the row after it is ``GAP_TIMEOUT`` seconds old (the listener's gap
+rule, :func:`~django_eventbus.listener.gap_may_fill`), so a transaction still
+committing is not skipped — unless, on PostgreSQL, no other session of the
+database is inside a transaction (then the missing ids were rolled back: a
+rolled back savepoint of a bulk job does not hold the relay for ``GAP_TIMEOUT``).
+
+Who runs it and when:
+
+* ``manage.py eventbus_listen`` runs one :class:`Relay` per process. On
+  PostgreSQL only one of them is active per log database: it holds
+  ``pg_try_advisory_lock`` on a connection of its own; the others retry every
+  ``RELAY_INTERVAL`` seconds and take over when the holder's session ends. On
+  other databases (SQLite) one listener process is assumed.
+* The active relay is woken by a NOTIFY on :data:`WAKE_CHANNEL`, which writers
+  that left relay rows send *after* commit, outside their transaction
+  (:func:`wake_after_commit`, one per transaction), and polls the log every
+  ``RELAY_INTERVAL`` seconds for writers outside Django. On SQLite: polling only.
+* With the memory bus (one process), the process's bus runner owns a relay and a
+  wake runs it on the runner's loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+from asgiref.sync import sync_to_async
+from django.db import connections
+
+from .conf import conf, django_database_conninfo
+from .events.backoff import backoff_delays
+from .events.base import BaseEventBus
+from .events.types import Event
+from .listener import EVENT_COLUMNS, _load_cursor, _save_cursor, event_from_row, gap_deadline, gap_may_fill
+from .models import StoredEvent
+
+__all__ = ["CURSOR_NAME", "WAKE_CHANNEL", "Relay", "is_wake_callback", "wake_after_commit", "wake_relay"]
+
+logger = logging.getLogger("django_eventbus")
+
+#: The NOTIFY channel writers wake the relay on (payload: the database alias).
+WAKE_CHANNEL = "eventbus_wake"
+#: The relay's cursor in ConsumerCursor.
+CURSOR_NAME = "django_eventbus.relay"
+#: The advisory lock key of the active relay ("eventbus" as a 64-bit integer).
+LOCK_KEY = int.from_bytes(b"eventbus", "big")
+
+
+# -- waking it (writers) --------------------------------------------------------
+
+
+def wake_relay(using: str | None = None) -> None:
+    """Tell the relay of ``using``'s log that rows are waiting; never raises.
+
+    Call it outside the writing transaction (after commit): a NOTIFY inside it would
+    make the commit take PostgreSQL's global notify lock.
+    """
+    alias = using or conf.DATABASE_ALIAS
+    try:
+        from .runtime import get_runner
+
+        if conf.raw_bus_config().get("backend") == "memory":
+            get_runner().run_relay()  # the in-process relay: no other process sees this bus
+            return
+        connection = connections[alias]
+        if connection.vendor == "postgresql":
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_notify(%s, %s)", [WAKE_CHANNEL, alias])
+        # Other databases: the relay polls every RELAY_INTERVAL seconds.
+    except Exception:
+        logger.exception("waking the event relay failed; it finds the rows at its next poll")
+
+
+class _Wake:
+    """The on_commit callback that wakes the relay once for a transaction."""
+
+    __slots__ = ("alias",)
+
+    def __init__(self, alias: str) -> None:
+        self.alias = alias
+
+    def __call__(self) -> None:
+        wake_relay(self.alias)
+
+
+def is_wake_callback(func: Callable[[], Any]) -> bool:
+    """Whether an on_commit callback is the relay's wake (the outbox looks past it)."""
+    return isinstance(func, _Wake)
+
+
+def wake_after_commit(using: str | None = None) -> None:
+    """Wake the relay after the current transaction commits (now, in autocommit).
+
+    Call it for every write that leaves relay rows: it registers one callback per
+    transaction (unless an enclosing savepoint level already has one), so a bulk
+    job does not send a NOTIFY per row; a rolled back savepoint drops its own.
+    """
+    from .outbox import on_commit_state
+
+    alias = using or conf.DATABASE_ALIAS
+    connection = connections[alias]
+    if not connection.in_atomic_block:
+        wake_relay(alias)
+        return
+    state = on_commit_state(connection)
+    if state is not None:
+        current, pending = state
+        # A wake at this level or an outer one runs whenever our rows commit.
+        if any(isinstance(func, _Wake) and sids <= current for sids, func in pending):
+            return
+    connection.on_commit(_Wake(alias), robust=True)
+
+
+# -- reading the log (sync; called through sync_to_async) --------------------------
+
+
+def _read_pending(after: int, limit: int) -> list[tuple[int, datetime, Event]]:
+    rows = (
+        StoredEvent.objects.filter(relay=True, id__gt=after)
+        .order_by("id")
+        .values_list(*EVENT_COLUMNS)[:limit]
+    )
+    return [(row[0], row[5], event_from_row(row)) for row in rows]
+
+
+def _ids_missing(after: int, upto: int) -> bool:
+    """Whether some id in ``(after, upto]`` is not (yet) visible in the log."""
+    return StoredEvent.objects.filter(id__gt=after, id__lte=upto).count() < upto - after
+
+
+def _start_position(name: str) -> int | None:
+    cursor = _load_cursor(name)
+    if cursor is not None:
+        return cursor.position
+    # A new relay starts just below the oldest row of the log (None while it is empty):
+    # every relay row is still unpublished, and pruned ids below are no gap to wait on.
+    first = StoredEvent.objects.order_by("id").values_list("id", flat=True).first()
+    return None if first is None else first - 1
+
+
+def _transactions_open() -> bool:
+    """Whether a transaction that may hold a missing id could still commit.
+
+    A missing id below a visible row belongs to a transaction still open, or to
+    one rolled back (a savepoint too): on PostgreSQL, when no other session of
+    this database is inside a transaction, every gap is permanent and the relay
+    need not wait ``GAP_TIMEOUT`` for it. SQLite has one writer at a time: an id
+    below a committed row can no longer commit. Other databases: assume one may.
+    """
+    connection = connections[StoredEvent.objects.db]
+    if connection.vendor == "sqlite":
+        return False
+    if connection.vendor != "postgresql":
+        return True
+    with connection.cursor() as cursor:
+        # xact_start is NULL for sessions of other roles without pg_read_all_stats:
+        # they count as open (the safe side).
+        cursor.execute(
+            "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE datname = current_database()"
+            " AND pid <> pg_backend_pid() AND backend_type = 'client backend'"
+            " AND (xact_start IS NOT NULL OR state IS NULL))"
+        )
+        row = cursor.fetchone()
+    return bool(row and row[0])
+
+
+def _ready(after: int, rows: list[tuple[int, datetime, Event]]) -> int:
+    """How many of ``rows`` (relay rows after ``after``, by id) may be published now.
+
+    Stops before the first row that has a missing id below it which may still
+    commit; one count in the usual case (no gap), a bisection otherwise.
+    """
+    deadline = gap_deadline()
+    start, done = after, 0
+    while done < len(rows) and _ids_missing(start, rows[-1][0]):
+        low, high = done, len(rows) - 1  # the first row with a gap below it is in [low, high]
+        while low < high:
+            middle = (low + high) // 2
+            if _ids_missing(start, rows[middle][0]):
+                high = middle
+            else:
+                low = middle + 1
+        if gap_may_fill(True, rows[low][1], deadline) and _transactions_open():
+            return low
+        start, done = rows[low][0], low + 1  # an old gap: a rolled back or pruned id
+    return len(rows)
+
+
+# -- the relay itself ---------------------------------------------------------------
+
+
+class Relay:
+    """Publishes the log's relay rows on ``bus``, in order; see the module docstring.
+
+    ``start()`` runs it in the background (exclusive per database on PostgreSQL,
+    polling elsewhere); :meth:`publish_pending` runs one pass (the memory bus's
+    runner calls only that).
+    """
+
+    def __init__(
+        self,
+        bus: BaseEventBus,
+        *,
+        interval: float | None = None,
+        batch_size: int = 1000,
+        name: str = CURSOR_NAME,
+        using: str | None = None,
+    ) -> None:
+        self.bus = bus
+        self.interval = interval if interval is not None else conf.RELAY_INTERVAL
+        self.batch_size = batch_size
+        self.name = name
+        self.using = using or conf.DATABASE_ALIAS
+        self.position: int | None = None
+        self.published = 0
+        #: True while this relay holds the lock (always, where there is no lock).
+        self.active = False
+        self._lock = asyncio.Lock()
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+
+    async def publish_pending(self) -> int:
+        """Publish the relay rows after the cursor that may be published now; returns how many."""
+        async with self._lock:
+            # Read every pass: another relay may have moved it while this one stood by.
+            self.position = await sync_to_async(_start_position)(self.name)
+            if self.position is None:
+                return 0
+            total = 0
+            while True:
+                rows = await sync_to_async(_read_pending)(self.position, self.batch_size)
+                ready = await sync_to_async(_ready)(self.position, rows) if rows else 0
+                if ready:
+                    await self.bus.publish_many([event for _, _, event in rows[:ready]])
+                    self.position = rows[ready - 1][0]
+                    await sync_to_async(_save_cursor)(self.name, self.position, [])
+                    total += ready
+                    self.published += ready
+                if ready < self.batch_size:
+                    return total
+
+    def wake(self) -> None:
+        """Run a pass now (call on the relay's event loop)."""
+        self._wake.set()
+
+    async def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        self.active = False
+        # The ORM ran in asgiref's thread-sensitive executor: close that thread's connections.
+        with contextlib.suppress(RuntimeError):  # at interpreter exit the executors are shut down
+            await sync_to_async(connections.close_all)()
+
+    async def _pass(self) -> None:
+        try:
+            await self.publish_pending()
+        except Exception:
+            logger.exception("the event relay failed to publish; retrying in %gs", self.interval)
+
+    async def _run(self) -> None:
+        vendor = await sync_to_async(lambda: connections[self.using].vendor)()
+        if vendor == "postgresql":
+            await self._run_exclusive()
+            return
+        self.active = True
+        while True:
+            await self._pass()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.interval)
+            self._wake.clear()
+
+    async def _run_exclusive(self) -> None:
+        import psycopg
+        from psycopg import sql
+
+        conninfo = await sync_to_async(django_database_conninfo)(self.using)
+        delays = backoff_delays()
+        while True:
+            conn: psycopg.AsyncConnection[Any] | None = None
+            try:
+                conn = await psycopg.AsyncConnection.connect(
+                    conninfo, autocommit=True, application_name="django_eventbus:relay"
+                )
+                # The lock lives as long as this session: if the process dies or the
+                # connection drops, a standby's next try takes it over.
+                while not await _try_lock(conn):
+                    await asyncio.sleep(self.interval)  # a standby
+                await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(WAKE_CHANNEL)))
+                self.active = True
+                logger.info("event relay active on database %r", self.using)
+                delays = backoff_delays()
+                while True:
+                    await self._pass()
+                    # Woken by a writer's NOTIFY, or polling for writers outside Django.
+                    async for _ in conn.notifies(timeout=self.interval, stop_after=1):
+                        pass
+            except psycopg.Error as exc:  # the session (and with it the lock) is gone
+                self.active = False
+                delay = next(delays)
+                logger.warning("event relay: database connection lost (%s); retrying in %.2fs", exc, delay)
+                await asyncio.sleep(delay)
+            finally:
+                self.active = False
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        await conn.close()
+
+
+async def _try_lock(conn: Any) -> bool:
+    row = await (await conn.execute("SELECT pg_try_advisory_lock(%s)", [LOCK_KEY])).fetchone()
+    return bool(row and row[0])
