@@ -52,12 +52,23 @@ def _signal_tracking(model: type[models.Model]) -> ModelTracking | None:
     return None if captured_by_database() else tracking_for(model)
 
 
+def _wake_if_captured(model: type[models.Model], using: str) -> None:
+    # After the write: in a transaction the wake waits for its commit, in autocommit the
+    # rows are already committed.
+    if captured_by_database() and tracking_for(model) is not None:
+        from .relay import wake_after_commit
+
+        wake_after_commit(using)
+
+
 class EventBusQuerySet(models.QuerySet[M]):
     """A QuerySet whose bulk writes emit model events."""
 
     def bulk_create(self, objs: Iterable[M], *args: Any, **kwargs: Any) -> list[M]:
         if _signal_tracking(self.model) is None:
-            return super().bulk_create(objs, *args, **kwargs)
+            created = super().bulk_create(objs, *args, **kwargs)
+            _wake_if_captured(self.model, self.db)
+            return created
         require_log_database(self.model, self.db)
         with transaction.atomic(using=self.db, savepoint=False):
             created = super().bulk_create(objs, *args, **kwargs)
@@ -68,7 +79,9 @@ class EventBusQuerySet(models.QuerySet[M]):
     def bulk_update(self, objs: Iterable[M], fields: Iterable[str], batch_size: int | None = None) -> int:
         tracking = _signal_tracking(self.model)
         if tracking is None:
-            return super().bulk_update(objs, fields, batch_size=batch_size)
+            count = super().bulk_update(objs, fields, batch_size=batch_size)
+            _wake_if_captured(self.model, self.db)
+            return count
         require_log_database(self.model, self.db)
         objs = list(objs)
         fields = list(fields)
@@ -93,7 +106,9 @@ class EventBusQuerySet(models.QuerySet[M]):
         """
         tracking = _signal_tracking(self.model)
         if tracking is None or _in_bulk_update.get():
-            return super().update(**kwargs)
+            count = super().update(**kwargs)
+            _wake_if_captured(self.model, self.db)
+            return count
         require_log_database(self.model, self.db)
         with transaction.atomic(using=self.db, savepoint=False):
             before = read_rows(tracking, self, lock=True)

@@ -176,6 +176,14 @@ def captured_by_database() -> bool:
     return conf.CAPTURE == "database"
 
 
+def _wake_relay(sender: type[models.Model], using: str, **kwargs: Any) -> None:
+    # The trigger wrote the log row; an ORM write wakes the relay once its transaction
+    # commits, so the event goes out at once instead of at the relay's next poll.
+    from .relay import wake_after_commit
+
+    wake_after_commit(using)
+
+
 # ------------------------------------------------------------------------------------------
 
 
@@ -196,7 +204,13 @@ def connect_signals() -> None:
         _through_fields.clear()
         _wrapped.clear()
         reset()
-        for tracking in [] if captured_by_database() else tracked_models():
+        if captured_by_database():
+            for tracking in tracked_models():
+                post_save.connect(_wake_relay, sender=tracking.model, dispatch_uid=_UID, weak=False)
+                post_delete.connect(_wake_relay, sender=tracking.model, dispatch_uid=_UID, weak=False)
+                _connected.append(tracking.model)
+            return
+        for tracking in tracked_models():
             model = tracking.model
             pre_save.connect(_on_pre_save, sender=model, dispatch_uid=_UID, weak=False)
             post_save.connect(_on_post_save, sender=model, dispatch_uid=_UID, weak=False)

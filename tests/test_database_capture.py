@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from decimal import Decimal
@@ -446,3 +448,68 @@ def test_capture_setting_checks(settings: Any) -> None:
     assert [e.id for e in check_settings() if isinstance(e, Error)] == ["django_eventbus.E016"]
     settings.EVENTBUS = {**settings.EVENTBUS, "CAPTURE": "database", "DATABASE_ALIAS": "nowhere"}
     assert "django_eventbus.E013" in [e.id for e in check_settings()]
+
+
+# -- delivery: trigger -> log -> relay -> bus -> consumer ------------------------------
+
+
+@pytest.mark.parametrize("kind", ["postgres", "redis"])
+def test_captured_writes_reach_a_durable_consumer_through_the_relay(kind: str, settings: Any) -> None:
+    """ORM saves, QuerySet.update and a write from another client: each handled once, in log order.
+
+    The relay polls every 60 s here, so what arrives within seconds was woken: by the
+    after-commit NOTIFY of an ORM write, or (for the outside client) by that client's own
+    NOTIFY, as docs/models.md tells such writers to do.
+    """
+    from django_eventbus.consumers import Consumer
+    from django_eventbus.events import create_event_bus
+    from django_eventbus.listener import Listener
+    from django_eventbus.relay import WAKE_CHANNEL, Relay
+    from tests.conftest import bus_setting
+
+    settings.EVENTBUS = {**settings.EVENTBUS, "BUS": bus_setting(kind), "RELAY_INTERVAL": 60.0}
+    seen: list[tuple[str, str, Any]] = []
+
+    def handle(event: Any) -> None:
+        seen.append((event.type.value, event.payload["fields"]["name"], event.payload.get("changed")))
+
+    async def scenario() -> None:
+        from tests.orm import orm
+
+        bus: Any = create_event_bus(conf.bus_config())
+        await bus.connect()
+        consumer = Consumer(name=f"dbcap.{uuid.uuid4().hex[:8]}", pattern="inventory:product", func=handle)
+        listener = Listener(bus, [consumer], interval=60.0)
+        relay = Relay(bus, interval=60.0)
+        await listener.start()
+        await relay.start()
+        try:
+            deadline = time.monotonic() + 10
+            while not relay.active:
+                assert time.monotonic() < deadline, "the relay did not take its lock"
+                await asyncio.sleep(0.02)
+
+            def writes() -> None:
+                lamp = Product.objects.create(name="lamp", price=Decimal("1.00"))
+                with transaction.atomic():
+                    Product.objects.filter(pk=lamp.pk).update(price=Decimal("2.50"))
+                with psycopg.connect(django_database_conninfo("default"), autocommit=True) as other:
+                    other.execute("UPDATE inventory_product SET name = 'desk' WHERE id = %s", [lamp.pk])
+                    other.execute(f"NOTIFY {WAKE_CHANNEL}")
+
+            await orm(writes)
+            deadline = time.monotonic() + 15
+            while len(seen) < 3:
+                assert time.monotonic() < deadline, f"only {seen} within 15 s (the poll is 60 s)"
+                await asyncio.sleep(0.02)
+        finally:
+            await relay.stop()
+            await listener.stop()
+            await bus.close()
+
+    asyncio.run(scenario())
+    assert seen == [
+        ("created", "lamp", None),
+        ("updated", "lamp", {"price": ["1.00", "2.50"]}),
+        ("updated", "desk", {"name": ["lamp", "desk"]}),
+    ]
