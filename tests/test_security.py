@@ -180,13 +180,46 @@ HIDDEN = "hidden-7c1e-value"
 HIDDEN_TOO = "hidden-9d2b-update"
 
 
-async def test_an_excluded_value_reaches_no_outlet(use_bus: Any, transactional_db: Any) -> None:
+@pytest.mark.parametrize("capture", ["signals", "database"])
+async def test_an_excluded_value_reaches_no_outlet(
+    use_bus: Any, transactional_db: Any, settings: Any, capture: str
+) -> None:
     """Shipment.secret is excluded (testproject settings): its values must not leave the model.
 
     Followed through the log rows, the raw Redis messages, the websocket frames, the admin's
     list and change pages and eventbus_listen's output, for a create, an update of the
-    secret and another field, and a delete (signal capture).
+    secret and another field, and a delete; with either capture mode (database capture:
+    the trigger writes the log, the relay publishes it).
     """
+    from channels.db import database_sync_to_async
+    from django.db import connection
+
+    from django_eventbus import capture_database
+    from django_eventbus.events import create_event_bus
+    from django_eventbus.relay import Relay
+
+    bus = use_bus("redis")["BUS"]
+    relay: Relay | None = None
+    if capture == "database":
+        if connection.vendor != "postgresql":
+            pytest.skip("database capture needs Django's database on PostgreSQL")
+        settings.EVENTBUS = {**settings.EVENTBUS, "CAPTURE": "database"}
+        await database_sync_to_async(capture_database.install)()
+        relay_bus: Any = create_event_bus(bus)
+        await relay_bus.connect()
+        relay = Relay(relay_bus, interval=0.05)
+        await relay.start()
+    try:
+        await _follow_the_secret(bus)
+    finally:
+        if relay is not None:
+            await relay.stop()
+            await relay.bus.close()
+            settings.EVENTBUS = {**settings.EVENTBUS, "CAPTURE": "signals"}
+            await database_sync_to_async(capture_database.uninstall)("default")
+
+
+async def _follow_the_secret(bus: dict[str, Any]) -> None:
     from channels.db import database_sync_to_async
     from channels.testing import WebsocketCommunicator
     from django.test import Client
@@ -197,7 +230,6 @@ async def test_an_excluded_value_reaches_no_outlet(use_bus: Any, transactional_d
     from testproject.inventory.models import Product, Shipment
     from tests.websocket_support import Server, make_user, stack_env, with_user
 
-    bus = use_bus("redis")["BUS"]
     wire = redis.asyncio.Redis.from_url(bus["url"])
     pubsub = wire.pubsub()
     await pubsub.psubscribe(f"{bus['channel_prefix']}:*")
