@@ -178,16 +178,17 @@ def _check_write_database(model: type[Model]) -> list[CheckMessage]:
 
 
 def _check_capture() -> list[CheckMessage]:
-    capture = conf.CAPTURE
-    if capture not in ("signals", "database"):
+    raw = conf.get("CAPTURE")
+    if raw not in ("auto", "signals", "database"):
         return [
             Error(
-                f"EVENTBUS['CAPTURE'] is {capture!r}.",
-                hint='Use "signals" (the default, any database) or "database" (PostgreSQL triggers).',
+                f"EVENTBUS['CAPTURE'] is {raw!r}.",
+                hint='Use "auto" (the default: database capture on PostgreSQL), "signals" (any '
+                'database) or "database" (PostgreSQL triggers).',
                 id="django_eventbus.E016",
             )
         ]
-    if capture != "database":
+    if conf.CAPTURE != "database":
         return []
     from django.db import connections
 
@@ -204,7 +205,7 @@ def _check_capture() -> list[CheckMessage]:
     from .capture_database import capturable_problem
     from .tracking import tracked_models
 
-    return [
+    messages: list[CheckMessage] = [
         Error(
             f"Database capture cannot track {tracking.model._meta.label}: {problem}.",
             hint="Track the parent model, or use CAPTURE 'signals'.",
@@ -213,6 +214,7 @@ def _check_capture() -> list[CheckMessage]:
         for tracking in tracked_models()
         if (problem := capturable_problem(tracking)) is not None
     ]
+    return messages
 
 
 @register(Tags.database)

@@ -204,23 +204,24 @@ def connect_signals() -> None:
         _through_fields.clear()
         _wrapped.clear()
         reset()
-        if captured_by_database():
-            for tracking in tracked_models():
-                post_save.connect(_wake_relay, sender=tracking.model, dispatch_uid=_UID, weak=False)
-                post_delete.connect(_wake_relay, sender=tracking.model, dispatch_uid=_UID, weak=False)
-                _connected.append(tracking.model)
-            return
+        database = captured_by_database()
         for tracking in tracked_models():
             model = tracking.model
-            pre_save.connect(_on_pre_save, sender=model, dispatch_uid=_UID, weak=False)
-            post_save.connect(_on_post_save, sender=model, dispatch_uid=_UID, weak=False)
-            pre_delete.connect(_on_pre_delete, sender=model, dispatch_uid=_UID, weak=False)
-            post_delete.connect(_on_post_delete, sender=model, dispatch_uid=_UID, weak=False)
             _connected.append(model)
+            # Many-to-many changes are rows of the through table, which no trigger of the
+            # model sees: they are captured from m2m_changed in both modes.
             for field in tracking.m2m:
                 through = _through(field)
                 m2m_changed.connect(_on_m2m_changed, sender=through, dispatch_uid=_UID, weak=False)
                 _through_fields.setdefault(through, []).append(field)
+            if database:
+                post_save.connect(_wake_relay, sender=model, dispatch_uid=_UID, weak=False)
+                post_delete.connect(_wake_relay, sender=model, dispatch_uid=_UID, weak=False)
+                continue
+            pre_save.connect(_on_pre_save, sender=model, dispatch_uid=_UID, weak=False)
+            post_save.connect(_on_post_save, sender=model, dispatch_uid=_UID, weak=False)
+            pre_delete.connect(_on_pre_delete, sender=model, dispatch_uid=_UID, weak=False)
+            post_delete.connect(_on_post_delete, sender=model, dispatch_uid=_UID, weak=False)
             if model not in _wrapped:
                 _wrapped[model] = model.__dict__.get("save_base")
                 model.save_base = _in_one_transaction(model.save_base)  # type: ignore[method-assign]

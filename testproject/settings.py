@@ -120,6 +120,9 @@ def bus_from_env() -> Any:
 EVENTBUS: dict[str, Any] = {
     "BUS": bus_from_env(),
     "CATCHUP_INTERVAL": float(os.environ.get("EVENTBUS_CATCHUP_INTERVAL", "2.0")),
+    # The library's default is "auto" (database capture on PostgreSQL). The suite names the
+    # mode: signal capture here, database capture where tests/test_database_capture.py asks.
+    "CAPTURE": os.environ.get("EVENTBUS_CAPTURE", "signals"),
     "MODELS": {
         "inventory.Product": {},
         "inventory.Order": {},

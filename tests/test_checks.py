@@ -100,7 +100,9 @@ def test_unknown_model_option_field_and_event() -> None:
 
 
 def test_topic_must_be_a_string() -> None:
-    assert ids(run(MODELS={"inventory.Product": {"topic": ""}})) == ["django_eventbus.E011"]
+    assert ids(run(CAPTURE="signals", MODELS={"inventory.Product": {"topic": ""}})) == [
+        "django_eventbus.E011"
+    ]
 
 
 @pytest.mark.django_db  # Django 6's check command also runs the database checks
@@ -117,3 +119,18 @@ def test_deploy_warns_about_the_memory_bus_in_production() -> None:
         assert ids(check_deploy()) == ["django_eventbus.W001"]
     with override_settings(EVENTBUS={"BUS": "redis://localhost"}, DEBUG=False):
         assert check_deploy() == []
+
+
+def test_capture_auto_is_database_capture_on_postgresql_with_the_log(settings: Any) -> None:
+    from django.db import connection
+
+    from django_eventbus.conf import conf
+
+    settings.EVENTBUS = {k: v for k, v in settings.EVENTBUS.items() if k != "CAPTURE"}  # the default
+    expected = "database" if connection.vendor == "postgresql" else "signals"
+    resolved = conf.CAPTURE
+    assert conf.get("CAPTURE") == "auto" and resolved == expected
+    settings.EVENTBUS = {**settings.EVENTBUS, "STORE_EVENTS": False}
+    assert conf.CAPTURE == "signals"  # triggers write the log: no log, no database capture
+    settings.EVENTBUS = {**settings.EVENTBUS, "STORE_EVENTS": True, "CAPTURE": "signals"}
+    assert conf.CAPTURE == "signals"
