@@ -183,10 +183,35 @@ class ConsumerRunner:
 
     # -- catch-up ------------------------------------------------------------------
 
+    async def _skip_backlog(self) -> None:
+        """Jump to the end of the log when the consumer's ``skip_backlog`` rule says so."""
+        rule = self.consumer.skip_backlog
+        if rule is None or not self.persist or self.position is None:
+            return
+        if not await sync_to_async(rule)(self.position, len(self.handled)):
+            return
+        async with self.lock:
+            # Read under the lock: every event handled so far has a log id at or below the
+            # end, so the handled ids can all go.
+            end = await sync_to_async(_last_id)()
+            if self.position is None or end <= self.position:
+                return
+            logger.warning(
+                "consumer %s skipped its backlog: log ids %d to %d were not handled",
+                self.consumer.name,
+                self.position + 1,
+                end,
+            )
+            self.position = end
+            self.handled.clear()
+            self._dirty = True
+            await self.save()
+
     async def catch_up(self) -> int:
         """Handle what the log has after ``position`` that was not handled; returns how many."""
         if self.position is None:
             return 0
+        await self._skip_backlog()
         total = 0
         while True:
             rows = await sync_to_async(_read_ids)(self.position, self.batch_size)
