@@ -92,6 +92,10 @@ class ConsumerRunner:
         self.failed_count = 0
         self._dirty = False
         self._func = _callable(consumer)
+        # Set once the first catch-up is done (Listener.start): live events wait for it, so a
+        # restarted consumer handles its backlog before the events that came after it, in log
+        # order (otherwise the first live events would overtake the backlog).
+        self.resumed = asyncio.Event()
 
     # -- cursor ------------------------------------------------------------------
 
@@ -121,6 +125,7 @@ class ConsumerRunner:
 
     async def on_live(self, event: Event) -> None:
         """Handler subscribed on the bus."""
+        await self.resumed.wait()
         async with self.lock:
             if self.seen(event.event_id):
                 return
@@ -292,6 +297,8 @@ class Listener:
             self._unregister = self.bus.on_connection_restored(self._wake.set)
             await self.catch_up()
             self._poller = asyncio.get_running_loop().create_task(self._poll())
+        for runner in self.runners:
+            runner.resumed.set()
 
     async def catch_up(self) -> int:
         async with self._catching_up:

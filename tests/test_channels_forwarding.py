@@ -17,9 +17,11 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
+from asgiref.sync import sync_to_async
 from channels.db import database_sync_to_async
 from channels.layers import InMemoryChannelLayer, get_channel_layer
 from channels.testing import WebsocketCommunicator
+from django.db import connections
 
 from django_eventbus.channels import CONSUMER_NAME, MESSAGE_TYPE, enabled, setup
 from django_eventbus.channels.forwarding import forward, note_server_loop, skip_backlog
@@ -330,6 +332,9 @@ async def all_group(settings: Any, registered: None) -> AsyncIterator[tuple[Any,
     await layer.group_add(ALL_GROUP, channel)
     yield layer, channel
     await layer.group_discard(ALL_GROUP, channel)
+    # The runners' ORM calls ran in asgiref's database thread: close its connection, or
+    # the test database cannot be dropped (Listener.stop() does the same).
+    await sync_to_async(connections.close_all)()
 
 
 async def received(layer: Any, channel: str) -> list[str]:
