@@ -99,6 +99,8 @@ def test_setup_registers_a_durable_catch_all_consumer(settings: Any, registered:
     assert consumer.durable  # a restarted listener resumes from its cursor
     assert consumer.is_async
     assert consumer.skip_backlog is not None
+    settings.EVENTBUS = {**settings.EVENTBUS, "STORE_EVENTS": False}  # setting_changed re-runs setup()
+    assert not {c.name: c for c in get_consumers()}[CONSUMER_NAME].durable  # no log to resume from
 
 
 def test_setup_follows_the_settings(settings: Any, registered: None) -> None:

@@ -91,6 +91,7 @@ def setup() -> None:
     from django.core import checks
     from django.core.signals import setting_changed
 
+    from django_eventbus.conf import conf
     from django_eventbus.consumers import Consumer, register, unregister
 
     from .checks import check_channels
@@ -105,6 +106,8 @@ def setup() -> None:
                 name=CONSUMER_NAME,
                 pattern="*",
                 func=_forward,
+                # Without the log there is nothing to resume from: non-durable, as W003 asks.
+                durable=conf.STORE_EVENTS,
                 checkpoint_every=CHECKPOINT_EVERY,
                 skip_backlog=_skip_backlog,
             )
