@@ -346,8 +346,9 @@ class StoredEventAdmin(StoredEventAdminBase):
         """Send the selected events through the bus again, in log order, with their own event ids.
 
         Nothing is written to the log (the rows are already there): consumers that
-        deduplicate by event id skip what they handled — durable consumers do — and
-        every other subscriber (non-durable consumers, websockets) sees the event again.
+        deduplicate by event id skip what they handled — durable consumers do, the
+        Channels forwarder too — and every other subscriber (non-durable consumers,
+        plain bus subscriptions) sees the event again.
         A confirmation page first says what will be sent; only its POST (with CSRF
         token, like every admin action) sends.
         """

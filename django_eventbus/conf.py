@@ -41,6 +41,10 @@ DEFAULTS: dict[str, Any] = {
     "ADMIN_WEBSOCKET_URL": "/ws/events/",
     # Channels and the websocket consumer (docs/channels.md).
     "CHANNELS": True,
+    # How far behind the forwarder may resume before it skips to the end of the log
+    # (events, seconds; None: no limit). docs/channels.md.
+    "CHANNELS_RESUME_LIMIT": 10_000,
+    "CHANNELS_RESUME_MAX_AGE": 300.0,
     "WEBSOCKET_AUTHORIZE": "django_eventbus.channels.auth.default_authorize",
     "WEBSOCKET_MAX_SUBSCRIPTIONS": 32,
     "WEBSOCKET_MAX_TOPIC_LENGTH": 200,

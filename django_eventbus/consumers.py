@@ -47,6 +47,12 @@ class Consumer:
     retry_delay: float = 0.2
     #: save the cursor after this many handled events (a crash may repeat up to this many)
     checkpoint_every: int = 1
+    #: ``(position, handled) -> bool``, asked (in a thread; it may query the log) before each
+    #: catch-up: True skips the backlog and moves the cursor to the end of the log, as for a
+    #: new consumer. For consumers that would rather lose a long backlog than replay it (the
+    #: Channels forwarder: browsers reload instead). ``handled``: events above ``position``
+    #: already handled (live events past a gap).
+    skip_backlog: Callable[[int, int], bool] | None = None
 
     @property
     def is_async(self) -> bool:

@@ -92,6 +92,10 @@ class ConsumerRunner:
         self.failed_count = 0
         self._dirty = False
         self._func = _callable(consumer)
+        # Set once the first catch-up is done (Listener.start): live events wait for it, so a
+        # restarted consumer handles its backlog before the events that came after it, in log
+        # order (otherwise the first live events would overtake the backlog).
+        self.resumed = asyncio.Event()
 
     # -- cursor ------------------------------------------------------------------
 
@@ -121,6 +125,7 @@ class ConsumerRunner:
 
     async def on_live(self, event: Event) -> None:
         """Handler subscribed on the bus."""
+        await self.resumed.wait()
         async with self.lock:
             if self.seen(event.event_id):
                 return
@@ -183,10 +188,35 @@ class ConsumerRunner:
 
     # -- catch-up ------------------------------------------------------------------
 
+    async def _skip_backlog(self) -> None:
+        """Jump to the end of the log when the consumer's ``skip_backlog`` rule says so."""
+        rule = self.consumer.skip_backlog
+        if rule is None or not self.persist or self.position is None:
+            return
+        if not await sync_to_async(rule)(self.position, len(self.handled)):
+            return
+        async with self.lock:
+            # Read under the lock: every event handled so far has a log id at or below the
+            # end, so the handled ids can all go.
+            end = await sync_to_async(_last_id)()
+            if self.position is None or end <= self.position:
+                return
+            logger.warning(
+                "consumer %s skipped its backlog: log ids %d to %d were not handled",
+                self.consumer.name,
+                self.position + 1,
+                end,
+            )
+            self.position = end
+            self.handled.clear()
+            self._dirty = True
+            await self.save()
+
     async def catch_up(self) -> int:
         """Handle what the log has after ``position`` that was not handled; returns how many."""
         if self.position is None:
             return 0
+        await self._skip_backlog()
         total = 0
         while True:
             rows = await sync_to_async(_read_ids)(self.position, self.batch_size)
@@ -267,6 +297,8 @@ class Listener:
             self._unregister = self.bus.on_connection_restored(self._wake.set)
             await self.catch_up()
             self._poller = asyncio.get_running_loop().create_task(self._poll())
+        for runner in self.runners:
+            runner.resumed.set()
 
     async def catch_up(self) -> int:
         async with self._catching_up:

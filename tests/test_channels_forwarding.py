@@ -9,21 +9,28 @@ the bridge, and what channels-redis must support.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
+from asgiref.sync import sync_to_async
 from channels.db import database_sync_to_async
 from channels.layers import InMemoryChannelLayer, get_channel_layer
 from channels.testing import WebsocketCommunicator
+from django.db import connections
 
 from django_eventbus.channels import CONSUMER_NAME, MESSAGE_TYPE, enabled, setup
-from django_eventbus.channels.forwarding import forward, note_server_loop
+from django_eventbus.channels.forwarding import forward, note_server_loop, skip_backlog
 from django_eventbus.channels.groups import ALL_GROUP, group_name, subscription_group
 from django_eventbus.consumers import get_consumers, unregister
 from django_eventbus.events import Event, EventType
+from django_eventbus.listener import ConsumerRunner
+from django_eventbus.models import ConsumerCursor, StoredEvent
+from tests.orm import orm
 from tests.services import require_redis
 from tests.websocket_support import make_user, with_user
 
@@ -84,13 +91,16 @@ def forward_from_another_thread(item: Event, layer: Any = None) -> None:
 # -- registration ---------------------------------------------------------------------------------
 
 
-def test_setup_registers_a_non_durable_catch_all_consumer(settings: Any, registered: None) -> None:
+def test_setup_registers_a_durable_catch_all_consumer(settings: Any, registered: None) -> None:
     settings.CHANNEL_LAYERS = IN_MEMORY
     setup()
     consumer = {c.name: c for c in get_consumers()}[CONSUMER_NAME]
     assert consumer.pattern == "*"
-    assert not consumer.durable
+    assert consumer.durable  # a restarted listener resumes from its cursor
     assert consumer.is_async
+    assert consumer.skip_backlog is not None
+    settings.EVENTBUS = {**settings.EVENTBUS, "STORE_EVENTS": False}  # setting_changed re-runs setup()
+    assert not {c.name: c for c in get_consumers()}[CONSUMER_NAME].durable  # no log to resume from
 
 
 def test_setup_follows_the_settings(settings: Any, registered: None) -> None:
@@ -121,6 +131,18 @@ def test_checks(settings: Any) -> None:
         "WEBSOCKET_MAX_SUBSCRIPTIONS": 0,
     }
     assert sorted(m.id for m in check_channels()) == ["django_eventbus.E101", "django_eventbus.E102"]
+    settings.EVENTBUS = {
+        **settings.EVENTBUS,
+        "WEBSOCKET_AUTHORIZE": "django_eventbus.channels.auth.default_authorize",
+        "WEBSOCKET_MAX_SUBSCRIPTIONS": 32,
+        "CHANNELS_RESUME_LIMIT": None,  # None turns a resume limit off
+        "CHANNELS_RESUME_MAX_AGE": None,
+    }
+    assert check_channels() == []
+    for key, bad in (("CHANNELS_RESUME_LIMIT", 0), ("CHANNELS_RESUME_MAX_AGE", "5 minutes")):
+        settings.EVENTBUS = {**settings.EVENTBUS, key: bad}
+        assert [m.id for m in check_channels()] == ["django_eventbus.E102"]
+        settings.EVENTBUS = {**settings.EVENTBUS, key: None}
 
 
 async def test_disabled_forwarding_sends_nothing(settings: Any) -> None:
@@ -275,3 +297,129 @@ async def test_reset_runner_from_djangos_sync_thread_does_not_deadlock(memory_mo
     start = asyncio.get_running_loop().time()
     await asyncio.wait_for(sync_to_async(reset_runner)(), timeout=8)
     assert asyncio.get_running_loop().time() - start < 3
+
+
+# -- resuming after a restart ---------------------------------------------------------------------
+
+
+def log_events(count: int, age: float = 0.0) -> list[Event]:
+    """``count`` events written to the log (stamped ``age`` seconds ago), as a writer commits them."""
+    from django.db import connection, transaction
+
+    from django_eventbus.store import record
+
+    stamp = datetime.now(timezone.utc) - timedelta(seconds=age)
+    events = [
+        Event(type=EventType.CREATED, topic="inventory:product", payload={"n": i}, timestamp=stamp)
+        for i in range(count)
+    ]
+    with transaction.atomic():
+        record(events, connection)
+    return events
+
+
+def forwarder_runner() -> ConsumerRunner:
+    """The forwarder as a fresh listener process runs it: its cursor from the database."""
+    consumer = {c.name: c for c in get_consumers()}[CONSUMER_NAME]
+    return ConsumerRunner(consumer, persist=True)
+
+
+@pytest.fixture
+async def all_group(settings: Any, registered: None) -> AsyncIterator[tuple[Any, str]]:
+    """An in-memory layer (served on this loop) with a channel in the group of every event."""
+    settings.CHANNEL_LAYERS = IN_MEMORY
+    layer = get_channel_layer()
+    note_server_loop(asyncio.get_running_loop())
+    channel = await layer.new_channel()
+    await layer.group_add(ALL_GROUP, channel)
+    yield layer, channel
+    await layer.group_discard(ALL_GROUP, channel)
+    # The runners' ORM calls ran in asgiref's database thread: close its connection, or
+    # the test database cannot be dropped (Listener.stop() does the same).
+    await sync_to_async(connections.close_all)()
+
+
+async def received(layer: Any, channel: str) -> list[str]:
+    """Event ids of the messages waiting on ``channel``."""
+    ids = []
+    while True:
+        try:
+            message = await asyncio.wait_for(layer.receive(channel), 0.2)
+        except asyncio.TimeoutError:
+            return ids
+        ids.append(message["event"]["event_id"])
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_restarted_forwarder_sends_what_it_missed_in_log_order(all_group: tuple[Any, str]) -> None:
+    layer, channel = all_group
+    await orm(lambda: log_events(3))  # history before the first start: not replayed
+    first = forwarder_runner()
+    await first.load()
+    assert await first.catch_up() == 0
+    assert await received(layer, channel) == []
+    # The listener is down while these commit; the next one resumes from the cursor.
+    missed = await orm(lambda: log_events(5))
+    assert await forwarder_runner().load() is None
+    restarted = forwarder_runner()
+    await restarted.load()
+    assert await restarted.catch_up() == 5
+    assert await received(layer, channel) == [e.event_id for e in missed]
+    again = forwarder_runner()
+    await again.load()
+    assert await again.catch_up() == 0  # the cursor was saved at the end of the replay
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize(
+    ("limits", "age"),
+    [({"CHANNELS_RESUME_LIMIT": 4}, 0.0), ({"CHANNELS_RESUME_MAX_AGE": 60}, 120.0)],
+    ids=["too-many", "too-old"],
+)
+async def test_a_long_backlog_is_skipped_not_replayed(
+    all_group: tuple[Any, str],
+    settings: Any,
+    caplog: pytest.LogCaptureFixture,
+    limits: dict[str, Any],
+    age: float,
+) -> None:
+    layer, channel = all_group
+    settings.EVENTBUS = {**settings.EVENTBUS, **limits}
+    first = forwarder_runner()
+    await first.load()
+    await orm(lambda: log_events(5, age=age))
+    restarted = forwarder_runner()
+    await restarted.load()
+    with caplog.at_level(logging.WARNING, logger="django_eventbus"):
+        assert await restarted.catch_up() == 0
+    assert await received(layer, channel) == []
+    assert any("skipped its backlog" in r.getMessage() for r in caplog.records)
+    last = await orm(lambda: StoredEvent.objects.order_by("-id").values_list("id", flat=True).first())
+    cursor = await orm(lambda: ConsumerCursor.objects.get(name=CONSUMER_NAME))
+    assert cursor.position == last
+    # From there on, events are forwarded as usual.
+    after = await orm(lambda: log_events(2))
+    assert await restarted.catch_up() == 2
+    assert await received(layer, channel) == [e.event_id for e in after]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_skip_backlog_counts_only_what_is_waiting(settings: Any) -> None:
+    settings.EVENTBUS = {**settings.EVENTBUS, "CHANNELS_RESUME_LIMIT": 3}
+    log_events(4)
+    first, last = (
+        StoredEvent.objects.order_by(order).values_list("id", flat=True).first() for order in ("id", "-id")
+    )
+    assert first is not None and last is not None
+    before = first - 1
+    assert skip_backlog(before, handled=0)  # 4 waiting > 3
+    assert not skip_backlog(before, handled=1)  # one was forwarded live already: 3 waiting
+    assert not skip_backlog(first, handled=0)
+    settings.EVENTBUS = {**settings.EVENTBUS, "CHANNELS_RESUME_LIMIT": None}
+    assert not skip_backlog(before, handled=0)
+    log_events(1, age=10_000)  # old, but after younger rows: only the oldest waiting row's age counts
+    assert not skip_backlog(before, handled=0)
+    settings.EVENTBUS = {**settings.EVENTBUS, "CHANNELS_RESUME_MAX_AGE": 10}
+    assert skip_backlog(last, handled=0)
+    settings.EVENTBUS = {**settings.EVENTBUS, "CHANNELS_RESUME_MAX_AGE": None}
+    assert not skip_backlog(last, handled=0)

@@ -140,6 +140,19 @@ async def test_overlapping_subscriptions_deliver_each_event_once(users: dict[str
     assert await ws.receive_nothing(timeout=0.2)
 
 
+async def test_an_event_forwarded_again_is_sent_once(users: dict[str, Any], connect: Any) -> None:
+    """A restarted forwarder re-sends the event that was in flight: the socket drops the copy."""
+    ws = await connect(users["admin"])
+    await subscribe(ws, "inventory:product")
+    first, second = event("inventory:product"), event("inventory:product")
+    await forward(first)
+    await forward(second)
+    await forward(first)  # the resumed forwarder's copy
+    await expect_event(ws, first)
+    await expect_event(ws, second)
+    assert await ws.receive_nothing(timeout=0.2)
+
+
 async def test_unsubscribe(users: dict[str, Any], connect: Any) -> None:
     ws = await connect(users["admin"])
     await subscribe(ws, "inventory:product")

@@ -1,10 +1,11 @@
 """Events to Channels groups, and through a websocket consumer to browsers.
 
-Wiring: :func:`setup` (called by the app's ``ready()``) registers the non-durable
+Wiring: :func:`setup` (called by the app's ``ready()``) registers the durable
 consumer ``django_eventbus.channels`` (pattern ``*``) when a channel layer is
 configured (``CHANNEL_LAYERS``) and ``EVENTBUS["CHANNELS"]`` is on (the default).
-Like every consumer it runs in exactly one process: ``manage.py eventbus_listen``,
-or with the memory bus the web process itself. It sends each event, as
+Like every consumer it runs in exactly one process: ``manage.py eventbus_listen``
+(resuming from its cursor after a restart, see :mod:`.forwarding`), or with the
+memory bus the web process itself. It sends each event, as
 ``{"type": "eventbus.event", "event": event.to_dict()}``, to the groups of
 :func:`groups_for_topic` (see :mod:`django_eventbus.channels.groups`).
 
@@ -73,11 +74,24 @@ async def _forward(event: Event) -> None:
     await forward(event)
 
 
+def _skip_backlog(position: int, handled: int) -> bool:
+    from .forwarding import skip_backlog
+
+    return skip_backlog(position, handled)
+
+
+#: Cursor saves per forwarded events during catch-up. A crash re-sends at most this many
+#: events, which the websocket consumer drops (it remembers the last RECENT_IDS = 2048
+#: ids per socket), so the replay after a restart need not write the cursor per event.
+CHECKPOINT_EVERY = 100
+
+
 def setup() -> None:
     """Register (or unregister) the forwarding consumer and the checks; idempotent."""
     from django.core import checks
     from django.core.signals import setting_changed
 
+    from django_eventbus.conf import conf
     from django_eventbus.consumers import Consumer, register, unregister
 
     from .checks import check_channels
@@ -87,7 +101,17 @@ def setup() -> None:
     connect_receivers()
     setting_changed.connect(_on_setting_changed, dispatch_uid="django_eventbus.channels")
     if enabled():
-        register(Consumer(name=CONSUMER_NAME, pattern="*", func=_forward, durable=False))
+        register(
+            Consumer(
+                name=CONSUMER_NAME,
+                pattern="*",
+                func=_forward,
+                # Without the log there is nothing to resume from: non-durable, as W003 asks.
+                durable=conf.STORE_EVENTS,
+                checkpoint_every=CHECKPOINT_EVERY,
+                skip_backlog=_skip_backlog,
+            )
+        )
     else:
         unregister(CONSUMER_NAME)
 

@@ -20,9 +20,12 @@ _LIMITS = (
     "WEBSOCKET_REPLAY_SCAN_LIMIT",
     "WEBSOCKET_MAX_CONNECTIONS_PER_USER",
     "WEBSOCKET_MAX_CONNECTIONS_PER_ADDRESS",
+    "CHANNELS_RESUME_LIMIT",
 )
 #: Limits that may be fractions (seconds, frames per second).
-_RATES = ("WEBSOCKET_REAUTHORIZE_SECONDS", "WEBSOCKET_SUBSCRIBE_RATE")
+_RATES = ("WEBSOCKET_REAUTHORIZE_SECONDS", "WEBSOCKET_SUBSCRIBE_RATE", "CHANNELS_RESUME_MAX_AGE")
+#: Limits that ``None`` turns off.
+_OPTIONAL = frozenset({"CHANNELS_RESUME_LIMIT", "CHANNELS_RESUME_MAX_AGE"})
 
 
 def check_channels(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any) -> list[CheckMessage]:
@@ -43,6 +46,8 @@ def check_channels(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
             )
     for key in _LIMITS:
         value = conf.get(key)
+        if value is None and key in _OPTIONAL:
+            continue
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             messages.append(
                 Error(
@@ -52,6 +57,8 @@ def check_channels(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
             )
     for key in _RATES:
         value = conf.get(key)
+        if value is None and key in _OPTIONAL:
+            continue
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
             messages.append(
                 Error(

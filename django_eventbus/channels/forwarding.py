@@ -1,11 +1,22 @@
 """Sending events to Channels groups (``group_send``), from whichever loop the forwarder runs on.
 
-:func:`forward` is the handler of the non-durable consumer ``django_eventbus.channels``
+:func:`forward` is the handler of the durable consumer ``django_eventbus.channels``
 (pattern ``*``), so it runs where consumers run: in ``manage.py eventbus_listen``,
 or with the memory bus on the web process's bus thread. Each event becomes one
 message, sent to every group of :func:`~.groups.groups_for_topic`::
 
     {"type": "eventbus.event", "event": event.to_dict()}
+
+Resuming
+--------
+Like every durable consumer the forwarder has a cursor: a restarted or redeployed
+listener forwards, in log order, what was committed while it was away, so a
+browser that stayed connected misses nothing. A resumed forwarder may send again
+the event that was in flight when it stopped; the websocket consumer drops an
+event id it already sent. After a long outage the replay is bounded
+(:func:`skip_backlog`): past ``CHANNELS_RESUME_LIMIT`` events or
+``CHANNELS_RESUME_MAX_AGE`` seconds the forwarder skips to the end of the log,
+logs a warning, and browsers reload through ``since`` when they reconnect.
 
 Event loops
 -----------
@@ -24,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterable
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from django.conf import settings
@@ -41,6 +53,7 @@ __all__ = [
     "forward",
     "note_server_loop",
     "send_to_groups",
+    "skip_backlog",
     "uses_in_memory_layer",
 ]
 
@@ -90,6 +103,43 @@ async def forward(event: Event, layer: Any = None) -> None:
     if not conf.get("CHANNELS"):
         return
     await send_to_groups(groups_for_topic(event.topic), event_message(event), layer)
+
+
+def skip_backlog(position: int, handled: int) -> bool:
+    """Whether the forwarder should skip what the log holds after ``position`` rather than replay it.
+
+    Yes when more than ``CHANNELS_RESUME_LIMIT`` events are waiting, or the oldest
+    waiting one is older than ``CHANNELS_RESUME_MAX_AGE`` seconds: a browser is better
+    served by reloading its data than by a flood of stale events (``None`` turns a
+    limit off). ``handled`` events above ``position`` were already forwarded (live,
+    past a gap) and do not count. Two index range reads of the log's primary key.
+    """
+    from django_eventbus.models import StoredEvent
+
+    limit = conf.get("CHANNELS_RESUME_LIMIT")
+    max_age = conf.get("CHANNELS_RESUME_MAX_AGE")
+    waiting = StoredEvent.objects.filter(id__gt=position).order_by("id")
+    if max_age is not None:
+        oldest = waiting.values_list("timestamp", flat=True).first()
+        if oldest is None:
+            return False
+        if oldest < datetime.now(timezone.utc) - timedelta(seconds=float(max_age)):
+            logger.warning(
+                "the Channels forwarder is more than %ss behind (oldest waiting event: %s): "
+                "skipping to the end of the log",
+                max_age,
+                oldest.isoformat(),
+            )
+            return True
+    if limit is not None:
+        beyond = int(limit) + handled
+        if waiting.values_list("id", flat=True)[beyond : beyond + 1].exists():
+            logger.warning(
+                "the Channels forwarder is more than %d events behind: skipping to the end of the log",
+                int(limit),
+            )
+            return True
+    return False
 
 
 async def send_to_groups(groups: tuple[str, ...], message: dict[str, Any], layer: Any = None) -> None:
