@@ -274,18 +274,31 @@ class LogRelay:
             self.position = await sync_to_async(_start_position)(self.name, self.relay_only)
             if self.position is None:
                 return 0
+            read = sync_to_async(_read_pending)
             total = 0
+            rows = await read(self.position, self.batch_size, self.relay_only)
             while True:
-                rows = await sync_to_async(_read_pending)(self.position, self.batch_size, self.relay_only)
                 ready = await sync_to_async(_ready)(self.position, rows) if rows else 0
-                if ready:
-                    await self.deliver([(row_id, event) for row_id, _, event in rows[:ready]])
-                    self.position = rows[ready - 1][0]
-                    await sync_to_async(_save_cursor)(self.name, self.position, [])
-                    total += ready
-                    self.published += ready
-                if ready < self.batch_size:
+                if not ready:
                     return total
+                following = None
+                if ready == self.batch_size:
+                    # Read the next batch while this one is delivered: the ORM runs in its own thread.
+                    following = asyncio.ensure_future(read(rows[-1][0], self.batch_size, self.relay_only))
+                    following.add_done_callback(_retrieve)
+                try:
+                    await self.deliver([(row_id, event) for row_id, _, event in rows[:ready]])
+                except BaseException:
+                    if following is not None:
+                        following.cancel()
+                    raise
+                self.position = rows[ready - 1][0]
+                await sync_to_async(_save_cursor)(self.name, self.position, [])
+                total += ready
+                self.published += ready
+                if following is None:
+                    return total
+                rows = await following
 
     def wake(self) -> None:
         """Run a pass now (call on the relay's event loop)."""
@@ -380,6 +393,12 @@ class LogRelay:
         self._wake.clear()
         if notifier.done():
             notifier.result()  # the session is gone: raises its psycopg error
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    # A read-ahead dropped after a failed delivery: its error (if any) is not news.
+    if not future.cancelled():
+        future.exception()
 
 
 async def _try_lock(conn: Any, key: int) -> bool:
