@@ -411,3 +411,23 @@ def test_partition_follows_the_model_pk_else_the_event_id() -> None:
     assert partition_of(a, 16) == zlib.crc32(b"41") % 16  # what another language computes
     c = Event(type="custom", topic="t", payload={"n": 1})  # type: ignore[arg-type]
     assert partition_of(c, 16) == zlib.crc32(json.dumps(c.event_id).encode()) % 16
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        {"STREAMS": "kafka://broker:9092"},
+        {"STREAMS": "redis-streams://h/0?partitions=x"},
+        {"STREAMS": "redis-streams://h/0", "STREAM_CLAIM_IDLE": 0},
+    ],
+)
+def test_stream_settings_are_checked(setting: dict[str, Any]) -> None:
+    from django.test import override_settings
+
+    from django_eventbus.checks import check_settings
+
+    with override_settings(EVENTBUS=setting):
+        [error] = check_settings()
+    assert error.id == "django_eventbus.E017" and "docs/streams.md" in error.hint
+    with override_settings(EVENTBUS={"STREAMS": "redis-streams://h/0?partitions=2", "STREAM_CLAIM_IDLE": 5}):
+        assert check_settings() == []
