@@ -14,10 +14,11 @@ reads only the streams (partitions) it *owns*:
 * A member that dies stops renewing; after ``claim_idle`` seconds another takes
   its streams and first ``XAUTOCLAIM``\\ s the entries pending on it (idle at least
   ``claim_idle``), in id order, before reading new ones (``XREADGROUP … >``). So
-  a key's events are handled in log order; an entry the dead member had handled
-  but not acknowledged is handled again (the only duplicates: at most one per
-  stream it owned, as entries are acknowledged one by one).
-* ``XACK`` follows the handler. A failed entry stays pending and blocks its own
+  a key's events are handled in log order; entries the dead member had handled
+  but not acknowledged are handled again (the only duplicates: at most ``count``
+  per stream it owned).
+* ``XACK`` follows the handlers: one per pass over the entries in hand (at most
+  ``count``, the entries of one read). A failed entry stays pending and blocks its own
   stream (order) but not the others; it is retried after a backoff by
   ``XCLAIM`` to the same member, which counts the delivery in Redis, so a handler
   that crashes its process is counted too. When an entry has been delivered
@@ -230,27 +231,35 @@ class StreamGroupConsumer:
     # -- handling ---------------------------------------------------------------------
 
     async def _work(self, stream: str, owned: _Owned, stop: asyncio.Event) -> None:
-        while owned.queue and not stop.is_set() and time.monotonic() >= owned.retry_at:
-            entry_id, fields, deliveries = owned.queue[0]
-            if owned.retry_at:  # a retry: count the delivery in Redis before running it again
-                reply = await self.client.xclaim(stream, self.group, self.member, 0, [entry_id])
-                if not reply or reply[0][1] is None:
-                    owned.queue.popleft()  # trimmed away meanwhile
-                    owned.retry_at = 0.0
-                    continue
-                deliveries += 1
-                owned.queue[0] = (entry_id, fields, deliveries)
-            owned.retry_at = 0.0
-            error = await self._handle(fields, deliveries)
-            if error is None:
-                await self.client.xack(stream, self.group, entry_id)
-            elif deliveries > self.consumer.retries or isinstance(error, _Undecodable):
-                await self._dead_letter(stream, entry_id, fields, deliveries, error)
-            else:
-                delay = min(30.0, self.consumer.retry_delay * 2 ** (deliveries - 1))
-                owned.retry_at = time.monotonic() + delay
-                return
-            owned.queue.popleft()
+        handled: list[str] = []
+        try:
+            while owned.queue and not stop.is_set() and time.monotonic() >= owned.retry_at:
+                entry_id, fields, deliveries = owned.queue[0]
+                if owned.retry_at:  # a retry: count the delivery in Redis before running it again
+                    reply = await self.client.xclaim(stream, self.group, self.member, 0, [entry_id])
+                    if not reply or reply[0][1] is None:
+                        owned.queue.popleft()  # trimmed away meanwhile
+                        owned.retry_at = 0.0
+                        continue
+                    deliveries += 1
+                    owned.queue[0] = (entry_id, fields, deliveries)
+                owned.retry_at = 0.0
+                error = await self._handle(fields, deliveries)
+                if error is None:
+                    handled.append(entry_id)
+                elif deliveries > self.consumer.retries or isinstance(error, _Undecodable):
+                    await self._dead_letter(stream, entry_id, fields, deliveries, error)
+                else:
+                    delay = min(30.0, self.consumer.retry_delay * 2 ** (deliveries - 1))
+                    owned.retry_at = time.monotonic() + delay
+                    return
+                owned.queue.popleft()
+        finally:
+            if handled:
+                # One XACK for what this pass handled (at most --count entries of a read): a
+                # crash repeats at most those, and a round trip per entry would cost more than
+                # a cheap handler (bench/README.md).
+                await self.client.xack(stream, self.group, *handled)
 
     async def _handle(self, fields: dict[str, str], deliveries: int) -> BaseException | None:
         name = self.consumer.name
