@@ -256,6 +256,32 @@ def test_10000_saves_with_the_relay_sigkilled_twice_reach_the_streams_once_in_lo
     assert len(seen) == 10_000 and set(seen) == set(ids)  # each event once
 
 
+def test_the_relay_command_is_woken_by_the_bus_not_its_poll(
+    target_url: str, shared_database: str, use_bus: Any
+) -> None:
+    bus = use_bus("redis")["BUS"]
+    target = parse_target(target_url)
+    relay_args = ["eventbus_relay", "--to", target_url, "--interval", "60"]
+    env = {"EVENTBUS_URL": bus["url"], "EVENTBUS_CHANNEL_PREFIX": bus["channel_prefix"]}
+    Product.objects.create(name="before", stock=10)
+    process = start_command(relay_args, shared_database, "relaying the event log", **env)
+    client = redis.Redis.from_url(target.url)
+
+    def relayed() -> int:
+        return sum(client.xlen(target.stream("inventory:product", p)) for p in range(4))
+
+    try:
+        wait_until(lambda: relayed() == 1, timeout=20, what="the first pass")  # now it waits
+        start = time.monotonic()
+        Product.objects.create(name="live", stock=10)
+        wait_until(lambda: relayed() == 2, timeout=20, what="the relayed event")
+        elapsed = time.monotonic() - start
+    finally:
+        stop(process)
+        client.close()
+    assert elapsed < 5.0, elapsed  # the poll would take 60 s
+
+
 # -- consumer groups -------------------------------------------------------------------
 
 
