@@ -1,6 +1,6 @@
 """Stream benchmarks: the relay from the log to Redis Streams, and consumer-group throughput.
 
-    python bench/bench_streams.py [--quick] [--events N] [--processes 1,2,4]
+    python bench/bench_streams.py [--quick] [--events N] [--processes 1,2,4] [--saves N]
 
 1. Relay: N events in the log (PostgreSQL, pks spread over 4 partitions); one
    ``StreamRelay`` pass (read the log in batches of 5,000, encode, pipelined
@@ -10,8 +10,10 @@
    Target >= 20,000/s.
 2. Consumer groups: the relayed streams read by 1, 2 and 4 processes, each a
    ``StreamGroupConsumer`` member with a no-op async consumer (per-key order:
-   partition leases, one ``XACK`` per read of 10); beside raw ``XREADGROUP`` + one ``XACK``
-   per batch of 100 in the same number of processes (no per-key order).
+   partition leases, one ``XACK`` per read of 10); beside raw ``XREADGROUP`` + one
+   ``XACK`` per batch of 100 in the same number of processes (no per-key order).
+3. Latency: ``create()`` here -> ``eventbus_relay`` process (woken by the Redis
+   bus) -> stream -> ``eventbus_stream_consumer`` process, paced saves, p50/p99.
 
 Database: ``eventbus_bench`` on the local server (created if missing); Redis: ``REDIS_URL``.
 """
@@ -22,7 +24,9 @@ import argparse
 import asyncio
 import multiprocessing
 import os
+import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -31,7 +35,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from bench_listener import PG_DSN, REDIS_URL, ensure_database  # noqa: E402  (sets DATABASE_URL first)
+from bench_listener import PG_DSN, REDIS_URL, ensure_database, percentile  # noqa: E402  (sets DATABASE_URL)
 
 PARTITIONS = 4
 TOPIC = "inventory:product"
@@ -191,15 +195,83 @@ def group_throughput(kind: str, prefix: str, processes: int, total: int) -> floa
     return counter.value / elapsed
 
 
+# -- save -> stream consumer ---------------------------------------------------------------
+
+
+def _started(args: list[str], env: dict[str, str], marker: str) -> subprocess.Popen[str]:
+    process = subprocess.Popen(
+        [sys.executable, "manage.py", *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert process.stderr is not None
+    while marker not in process.stderr.readline():
+        if process.poll() is not None:
+            raise RuntimeError(f"{args[0]} exited with {process.returncode}")
+    return process
+
+
+def _wait_for_lines(path: Path, count: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while len(path.read_text().splitlines()) < count and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def stream_latency(prefix: str, saves: int, pace: float) -> list[float]:
+    """Seconds from ``create()`` to the recorder consumer in an ``eventbus_stream_consumer``
+    process, through an ``eventbus_relay`` process woken by the Redis bus."""
+    import psycopg
+    from django.conf import settings
+    from django.test.utils import override_settings
+
+    from django_eventbus.events.bus import parse_bus_url
+    from django_eventbus.runtime import reset_runner
+    from testproject.inventory.models import Product
+
+    with psycopg.connect(PG_DSN, autocommit=True) as conn:  # the relay would send the whole log first
+        conn.execute("TRUNCATE django_eventbus_event, django_eventbus_cursor RESTART IDENTITY")
+    url = f"redis-streams{REDIS_URL[5:]}?partitions={PARTITIONS}&prefix={prefix}"
+    record = Path(tempfile.mkstemp(suffix=".txt")[1])
+    env = {**os.environ, "EVENTBUS_URL": REDIS_URL, "EVENTBUS_CHANNEL_PREFIX": prefix}
+    env.update(EVENTBUS_RECORD_TO=str(record), PYTHONUNBUFFERED="1")
+    processes = [
+        _started(["eventbus_relay", "--to", url], env, "relaying"),
+        _started(["eventbus_stream_consumer", "--from", url], env, "consuming"),
+    ]
+    sent: dict[str, float] = {}
+    try:
+        bus = {**parse_bus_url(REDIS_URL), "channel_prefix": prefix}
+        with override_settings(EVENTBUS={**settings.EVENTBUS, "BUS": bus}):
+            # A first event before timing: the consumer finds the topic's streams (checked every second).
+            Product.objects.create(name="warm-up", stock=10)
+            _wait_for_lines(record, 1)
+            for i in range(saves):
+                sent[f"lat{i}"] = time.time()
+                Product.objects.create(name=f"lat{i}", stock=10)
+                time.sleep(pace)
+            _wait_for_lines(record, saves + 1)
+        reset_runner()
+    finally:
+        for process in processes:
+            process.terminate()
+            process.wait(20)
+            assert process.stderr is not None
+            process.stderr.close()
+    lines = [line.split(" ") for line in record.read_text().splitlines()]
+    received = {name: float(at) for _, name, at in lines}
+    record.unlink()
+    return [received[name] - at for name, at in sent.items() if name in received]
+
+
 def main() -> None:
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
     parser.add_argument("--events", type=int, default=100_000)
     parser.add_argument("--processes", default="1,2,4")
-    parser.add_argument("--quick", action="store_true", help="20,000 events")
+    parser.add_argument("--saves", type=int, default=500, help="paced saves for the latency")
+    parser.add_argument("--quick", action="store_true", help="20,000 events, 200 saves")
     args = parser.parse_args()
     if args.quick:
-        args.events = 20_000
+        args.events, args.saves = 20_000, 200
     ensure_database()
     os.environ.setdefault("EVENTBUS_LOG", "WARNING")
     import django
@@ -229,9 +301,15 @@ def main() -> None:
             raw_rate = group_throughput("raw", prefix, processes, args.events)
             our_rate = group_throughput("ours", prefix, processes, args.events)
             print(f"{processes:>10}{raw_rate:>26,.0f}{our_rate:>30,.0f}{our_rate / raw_rate:>8.2f}")
+
+        if args.saves:
+            print(f"\n== create() -> relay -> stream -> consumer, processes, {args.saves} saves 10 ms apart")
+            ms = [v * 1000 for v in stream_latency(f"{prefix}lat", args.saves, 0.01)]
+            print(f"received {len(ms)} of {args.saves}; p50 {percentile(ms, 0.5):.2f} ms, "
+                  f"p99 {percentile(ms, 0.99):.2f} ms, max {max(ms):.2f} ms")  # fmt: skip
     finally:
-        delete_prefix(prefix)
-        delete_prefix(raw_prefix)
+        for name in (prefix, raw_prefix, f"{prefix}lat"):
+            delete_prefix(name)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ entries among members but do not keep per-key order across them, so a member
 reads only the streams (partitions) it *owns*:
 
 * Ownership is a lease: ``<prefix>:owner:<group>:<stream>`` set with ``NX`` and
-  ``claim_idle`` seconds to live, renewed every third of that. Live members
+  ``claim_idle`` seconds to live, renewed every third of that (every second at
+  most, when the member also looks for the streams of new topics). Live members
   (``<prefix>:members:<group>``, a sorted set of heartbeats) share the streams
   evenly: a member with more than its share releases the extra streams between
   entries (with nothing of them in hand), one with less takes free ones.
@@ -126,7 +127,9 @@ class StreamGroupConsumer:
                 # After the work: the streams in hand are empty now, so extras can be handed back.
                 if time.monotonic() >= next_tick:
                     await self._tick()
-                    next_tick = time.monotonic() + self.claim_idle / 3
+                    # Renew leases every third of their life, and look for new topics' streams
+                    # at least every second (a tick is a handful of commands).
+                    next_tick = time.monotonic() + min(self.claim_idle / 3, 1.0)
                 await self._read(max(0.001, min(next_tick, self._next_retry()) - time.monotonic()))
         finally:
             await self._leave()
