@@ -49,6 +49,7 @@ def check_settings(
     errors += _check_bus()
     errors += _check_models()
     errors += _check_capture()
+    errors += _check_streams()
     return errors
 
 
@@ -173,6 +174,34 @@ def _check_write_database(model: type[Model]) -> list[CheckMessage]:
             hint=f"Route {model._meta.label}'s writes to {alias!r}, set EVENTBUS['DATABASE_ALIAS'] to "
             f"{using!r} if all tracked models live there, or stop tracking {model._meta.label}.",
             id="django_eventbus.E012",
+        )
+    ]
+
+
+def _check_streams() -> list[CheckMessage]:
+    url = conf.get("STREAMS")
+    problem = None
+    if url is not None:
+        from .streams import parse_target
+
+        try:
+            parse_target(str(url))
+        except ValueError as exc:
+            problem = f"EVENTBUS['STREAMS'] is not a stream target: {exc}."
+    try:
+        idle_ok = float(conf.get("STREAM_CLAIM_IDLE")) > 0
+    except (TypeError, ValueError):
+        idle_ok = False
+    if not idle_ok:
+        problem = f"EVENTBUS['STREAM_CLAIM_IDLE'] is {conf.get('STREAM_CLAIM_IDLE')!r}, not seconds > 0."
+    if problem is None:
+        return []
+    return [
+        Error(
+            problem,
+            hint='Use e.g. "redis-streams://127.0.0.1:6379/0?partitions=4&maxlen=100000" and a '
+            "STREAM_CLAIM_IDLE of a few seconds or more; see docs/streams.md.",
+            id="django_eventbus.E017",
         )
     ]
 

@@ -37,6 +37,10 @@ DEFAULTS: dict[str, Any] = {
     # Seconds between the relay's polls of the log (it is also woken after commit).
     "RELAY_INTERVAL": 0.2,
     "CELERY_ROUTES": {},
+    # The stream engine the log is relayed to (docs/streams.md), e.g. "redis-streams://…".
+    "STREAMS": None,
+    # Seconds before a stream consumer group member counts as dead (docs/streams.md).
+    "STREAM_CLAIM_IDLE": 30.0,
     # The admin's "Follow live" websocket (docs/operations.md); None hides the toggle.
     "ADMIN_WEBSOCKET_URL": "/ws/events/",
     # Channels and the websocket consumer (docs/channels.md).

@@ -29,6 +29,10 @@ Who runs it and when:
   ``RELAY_INTERVAL`` seconds for writers outside Django. On SQLite: polling only.
 * With the memory bus (one process), the process's bus runner owns a relay and a
   wake runs it on the runner's loop.
+
+:class:`LogRelay` is the machinery (cursor, gap rule, lock, wake); :class:`Relay`
+delivers to the bus. The stream relay (:mod:`django_eventbus.streams`) is another
+``LogRelay``: it reads every row of the log, under a lock of its own.
 """
 
 from __future__ import annotations
@@ -50,7 +54,15 @@ from .events.types import Event
 from .listener import EVENT_COLUMNS, _load_cursor, _save_cursor, event_from_row, gap_deadline, gap_may_fill
 from .models import StoredEvent
 
-__all__ = ["CURSOR_NAME", "WAKE_CHANNEL", "Relay", "is_wake_callback", "wake_after_commit", "wake_relay"]
+__all__ = [
+    "CURSOR_NAME",
+    "WAKE_CHANNEL",
+    "LogRelay",
+    "Relay",
+    "is_wake_callback",
+    "wake_after_commit",
+    "wake_relay",
+]
 
 logger = logging.getLogger("django_eventbus")
 
@@ -130,12 +142,9 @@ def wake_after_commit(using: str | None = None) -> None:
 # -- reading the log (sync; called through sync_to_async) --------------------------
 
 
-def _read_pending(after: int, limit: int) -> list[tuple[int, datetime, Event]]:
-    rows = (
-        StoredEvent.objects.filter(relay=True, id__gt=after)
-        .order_by("id")
-        .values_list(*EVENT_COLUMNS)[:limit]
-    )
+def _read_pending(after: int, limit: int, relay_only: bool = True) -> list[tuple[int, datetime, Event]]:
+    log = StoredEvent.objects.filter(relay=True) if relay_only else StoredEvent.objects.all()
+    rows = log.filter(id__gt=after).order_by("id").values_list(*EVENT_COLUMNS)[:limit]
     return [(row[0], row[5], event_from_row(row)) for row in rows]
 
 
@@ -144,13 +153,27 @@ def _ids_missing(after: int, upto: int) -> bool:
     return StoredEvent.objects.filter(id__gt=after, id__lte=upto).count() < upto - after
 
 
-def _start_position(name: str) -> int | None:
+def _start_position(name: str, relay_only: bool = True) -> int | None:
     cursor = _load_cursor(name)
+    first = StoredEvent.objects.order_by("id").values_list("id", flat=True).first()
     if cursor is not None:
+        if first is not None and cursor.position < first - 1:
+            # Rows after the cursor were pruned: waiting on their ids as a gap would only
+            # hold the relay back. A relay of the whole log lost them (say so); the bus
+            # relay's cursor only stops on relay rows, so other pruned rows are normal.
+            if relay_only:
+                return first - 1
+            logger.warning(
+                "relay %s: log rows %d..%d were pruned before they were relayed; continuing from %d",
+                name,
+                cursor.position + 1,
+                first - 1,
+                first,
+            )
+            return first - 1
         return cursor.position
     # A new relay starts just below the oldest row of the log (None while it is empty):
     # every relay row is still unpublished, and pruned ids below are no gap to wait on.
-    first = StoredEvent.objects.order_by("id").values_list("id", flat=True).first()
     return None if first is None else first - 1
 
 
@@ -205,24 +228,29 @@ def _ready(after: int, rows: list[tuple[int, datetime, Event]]) -> int:
 # -- the relay itself ---------------------------------------------------------------
 
 
-class Relay:
-    """Publishes the log's relay rows on ``bus``, in order; see the module docstring.
+class LogRelay:
+    """Sends log rows after its cursor somewhere, in log order; see the module docstring.
 
-    ``start()`` runs it in the background (exclusive per database on PostgreSQL,
-    polling elsewhere); :meth:`publish_pending` runs one pass (the memory bus's
-    runner calls only that).
+    A subclass says where (:meth:`deliver`), which rows (``relay_only``: the rows no
+    writer published, or the whole log) and which advisory lock makes it exclusive.
+    ``start()`` runs it in the background (exclusive per database and lock key on
+    PostgreSQL, polling elsewhere); :meth:`publish_pending` runs one pass.
     """
+
+    #: only rows with ``relay = true`` (the bus relay), or every row
+    relay_only = True
+    #: the advisory lock key of the active relay of this kind
+    lock_key = LOCK_KEY
+    application_name = "django_eventbus:relay"
 
     def __init__(
         self,
-        bus: BaseEventBus,
         *,
         interval: float | None = None,
         batch_size: int = 1000,
         name: str = CURSOR_NAME,
         using: str | None = None,
     ) -> None:
-        self.bus = bus
         self.interval = interval if interval is not None else conf.RELAY_INTERVAL
         self.batch_size = batch_size
         self.name = name
@@ -235,25 +263,42 @@ class Relay:
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
 
+    async def deliver(self, rows: list[tuple[int, Event]]) -> None:
+        """Send ``(log id, event)`` pairs, in log order; raise if they may not all have gone."""
+        raise NotImplementedError
+
     async def publish_pending(self) -> int:
-        """Publish the relay rows after the cursor that may be published now; returns how many."""
+        """Deliver the rows after the cursor that may be delivered now; returns how many."""
         async with self._lock:
             # Read every pass: another relay may have moved it while this one stood by.
-            self.position = await sync_to_async(_start_position)(self.name)
+            self.position = await sync_to_async(_start_position)(self.name, self.relay_only)
             if self.position is None:
                 return 0
+            read = sync_to_async(_read_pending)
             total = 0
+            rows = await read(self.position, self.batch_size, self.relay_only)
             while True:
-                rows = await sync_to_async(_read_pending)(self.position, self.batch_size)
                 ready = await sync_to_async(_ready)(self.position, rows) if rows else 0
-                if ready:
-                    await self.bus.publish_many([event for _, _, event in rows[:ready]])
-                    self.position = rows[ready - 1][0]
-                    await sync_to_async(_save_cursor)(self.name, self.position, [])
-                    total += ready
-                    self.published += ready
-                if ready < self.batch_size:
+                if not ready:
                     return total
+                following = None
+                if ready == self.batch_size:
+                    # Read the next batch while this one is delivered: the ORM runs in its own thread.
+                    following = asyncio.ensure_future(read(rows[-1][0], self.batch_size, self.relay_only))
+                    following.add_done_callback(_retrieve)
+                try:
+                    await self.deliver([(row_id, event) for row_id, _, event in rows[:ready]])
+                except BaseException:
+                    if following is not None:
+                        following.cancel()
+                    raise
+                self.position = rows[ready - 1][0]
+                await sync_to_async(_save_cursor)(self.name, self.position, [])
+                total += ready
+                self.published += ready
+                if following is None:
+                    return total
+                rows = await following
 
     def wake(self) -> None:
         """Run a pass now (call on the relay's event loop)."""
@@ -301,21 +346,26 @@ class Relay:
             conn: psycopg.AsyncConnection[Any] | None = None
             try:
                 conn = await psycopg.AsyncConnection.connect(
-                    conninfo, autocommit=True, application_name="django_eventbus:relay"
+                    conninfo, autocommit=True, application_name=self.application_name
                 )
                 # The lock lives as long as this session: if the process dies or the
                 # connection drops, a standby's next try takes it over.
-                while not await _try_lock(conn):
+                while not await _try_lock(conn, self.lock_key):
                     await asyncio.sleep(self.interval)  # a standby
                 await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(WAKE_CHANNEL)))
                 self.active = True
                 logger.info("event relay active on database %r", self.using)
                 delays = backoff_delays()
-                while True:
-                    await self._pass()
-                    # Woken by a writer's NOTIFY, or polling for writers outside Django.
-                    async for _ in conn.notifies(timeout=self.interval, stop_after=1):
-                        pass
+                notifier = asyncio.ensure_future(self._forward_notifies(conn))
+                try:
+                    while True:
+                        await self._pass()
+                        # Woken by a writer's NOTIFY or by wake(), or polling for writers outside Django.
+                        await self._wait_for_wake(notifier)
+                finally:
+                    notifier.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, psycopg.Error):
+                        await notifier
             except psycopg.Error as exc:  # the session (and with it the lock) is gone
                 self.active = False
                 delay = next(delays)
@@ -327,7 +377,41 @@ class Relay:
                     with contextlib.suppress(Exception):
                         await conn.close()
 
+    async def _forward_notifies(self, conn: Any) -> None:
+        import psycopg
 
-async def _try_lock(conn: Any) -> bool:
-    row = await (await conn.execute("SELECT pg_try_advisory_lock(%s)", [LOCK_KEY])).fetchone()
+        async for _ in conn.notifies():
+            self._wake.set()
+        raise psycopg.OperationalError("the relay's notification stream ended")
+
+    async def _wait_for_wake(self, notifier: asyncio.Future[Any]) -> None:
+        waiter: asyncio.Future[Any] = asyncio.ensure_future(self._wake.wait())
+        try:
+            await asyncio.wait({waiter, notifier}, timeout=self.interval, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+        self._wake.clear()
+        if notifier.done():
+            notifier.result()  # the session is gone: raises its psycopg error
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    # A read-ahead dropped after a failed delivery: its error (if any) is not news.
+    if not future.cancelled():
+        future.exception()
+
+
+async def _try_lock(conn: Any, key: int) -> bool:
+    row = await (await conn.execute("SELECT pg_try_advisory_lock(%s)", [key])).fetchone()
     return bool(row and row[0])
+
+
+class Relay(LogRelay):
+    """Publishes the log's relay rows on ``bus``, in order (the bus relay of ``eventbus_listen``)."""
+
+    def __init__(self, bus: BaseEventBus, **options: Any) -> None:
+        super().__init__(**options)
+        self.bus = bus
+
+    async def deliver(self, rows: list[tuple[int, Event]]) -> None:
+        await self.bus.publish_many([event for _, event in rows])

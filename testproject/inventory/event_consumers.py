@@ -26,9 +26,13 @@ def warn_on_low_stock(event: Event) -> None:
 if os.environ.get("EVENTBUS_RECORD_TO"):
     # For the fault tests and the latency benchmark: append "event_id name unix_time" per event.
     _path = os.environ["EVENTBUS_RECORD_TO"]
+    # A slower handler, so a test can kill a process while events are in flight.
+    _delay = float(os.environ.get("EVENTBUS_RECORD_DELAY", "0"))
 
     @consumer("inventory:*", name="inventory.recorder")
     def record(event: Event) -> None:
+        if _delay:
+            time.sleep(_delay)
         with open(_path, "a", encoding="utf-8") as file:
             name = event.payload.get("fields", {}).get("name", "")
             file.write(f"{event.event_id} {name} {time.time():.6f}\n")
