@@ -120,6 +120,7 @@ def bus_from_env() -> Any:
 EVENTBUS: dict[str, Any] = {
     "BUS": bus_from_env(),
     "CATCHUP_INTERVAL": float(os.environ.get("EVENTBUS_CATCHUP_INTERVAL", "2.0")),
+    "LEASE_TTL": float(os.environ.get("EVENTBUS_LEASE_TTL", "5.0")),
     "MODELS": {
         "inventory.Product": {},
         "inventory.Order": {},
