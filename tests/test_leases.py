@@ -7,6 +7,7 @@ Django database on PostgreSQL (several processes share it), like tests/test_list
 from __future__ import annotations
 
 import asyncio
+import io
 import signal
 import subprocess
 import threading
@@ -276,3 +277,34 @@ def test_sigterm_while_the_bus_server_is_down_exits_within_the_shutdown_timeout(
         assert time.monotonic() - started < 3 + 2.0  # the shutdown timeout plus process exit
     finally:
         server.kill()
+
+
+def test_status_shows_the_owner_of_each_consumer() -> None:
+    import json
+
+    from django.core.management import call_command
+
+    now = timezone.now()
+    ConsumerCursor.objects.create(
+        name="t.owned",
+        position=0,
+        owner="web-1:4242:0a1b2c3d",
+        generation=3,
+        owner_since=now - timedelta(minutes=2),
+        expires_at=now + timedelta(seconds=4),
+    )
+    ConsumerCursor.objects.create(
+        name="t.expired", position=0, owner="web-2:77:ffff0000", expires_at=now - timedelta(seconds=1)
+    )
+    out = io.StringIO()
+    call_command("eventbus_status", "--json", stdout=out)
+    consumers = {c["name"]: c for c in json.loads(out.getvalue())["consumers"]}
+    owned = consumers["t.owned"]
+    assert (owned["owner_host"], owned["owner_pid"]) == ("web-1", 4242)
+    assert owned["owner_since"] == (now - timedelta(minutes=2)).isoformat()
+    assert consumers["t.expired"]["owner"] is None  # expired: the next listener to try takes it
+    out = io.StringIO()
+    call_command("eventbus_status", stdout=out)
+    assert "; owner web-1 pid 4242 since " in out.getvalue()
+    assert "t.expired  [(not registered in this process)]  position 0" in out.getvalue()
+    assert "no owner (no listener runs it)" in out.getvalue()
