@@ -23,7 +23,7 @@ from django.db.models import F
 from django.utils import timezone
 
 from django_eventbus import leases
-from django_eventbus.consumers import Consumer, register
+from django_eventbus.consumers import Consumer, register, unregister
 from django_eventbus.events import Event, create_event_bus
 from django_eventbus.listener import Listener
 from django_eventbus.models import ConsumerCursor, StoredEvent
@@ -296,15 +296,18 @@ def test_status_shows_the_owner_of_each_consumer() -> None:
     ConsumerCursor.objects.create(
         name="t.expired", position=0, owner="web-2:77:ffff0000", expires_at=now - timedelta(seconds=1)
     )
-    out = io.StringIO()
-    call_command("eventbus_status", "--json", stdout=out)
-    consumers = {c["name"]: c for c in json.loads(out.getvalue())["consumers"]}
+    register(Consumer(name="t.expired", pattern="inventory:*", func=print))
+    try:
+        as_json, as_text = io.StringIO(), io.StringIO()
+        call_command("eventbus_status", "--json", stdout=as_json)
+        call_command("eventbus_status", stdout=as_text)
+    finally:
+        unregister("t.expired")
+    consumers = {c["name"]: c for c in json.loads(as_json.getvalue())["consumers"]}
     owned = consumers["t.owned"]
     assert (owned["owner_host"], owned["owner_pid"]) == ("web-1", 4242)
     assert owned["owner_since"] == (now - timedelta(minutes=2)).isoformat()
     assert consumers["t.expired"]["owner"] is None  # expired: the next listener to try takes it
-    out = io.StringIO()
-    call_command("eventbus_status", stdout=out)
-    assert "; owner web-1 pid 4242 since " in out.getvalue()
-    assert "t.expired  [(not registered in this process)]  position 0" in out.getvalue()
-    assert "no owner (no listener runs it)" in out.getvalue()
+    text = as_text.getvalue()
+    assert "; owner web-1 pid 4242 since " in text
+    assert "t.expired  [inventory:*]  position 0, lag 0 event(s), 0.0 s behind; no owner" in text

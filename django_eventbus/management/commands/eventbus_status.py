@@ -221,7 +221,7 @@ def format_text(status: dict[str, Any]) -> str:
                 detail += (
                     f"; owner {item['owner_host']} pid {item['owner_pid']} since {_time(item['owner_since'])}"
                 )
-            else:
+            elif item["registered"]:
                 detail += "; no owner (no listener runs it)"
         pattern = item["pattern"] or "(not registered in this process)"
         lines.append(f"  {item['name']}  [{pattern}]  {detail}")
