@@ -59,6 +59,9 @@ STANDBY_RETRY = 0.25
 T = TypeVar("T")
 #: a fenced cursor write: (name, owner, generation, position, handled)
 Fence = tuple[str, str, int, int, list[str]]
+#: log rows (id, event_id, topic, timestamp), and the events of those to handle by id
+Rows = list[tuple[int, str, str, datetime]]
+Batch = tuple[Rows, dict[int, Event]]
 
 
 def gap_deadline() -> datetime:
@@ -110,6 +113,8 @@ class ConsumerRunner:
         self._func = _callable(consumer)
         self._atomic = _atomic_callable(consumer) if consumer.atomic and persist else None
         self._lease_executor = lease_executor
+        #: set by Listener.stop(): catch-up stops before its next event
+        self.stopping = False
 
     def active(self) -> bool:
         """Whether this process handles the consumer now (always, for a consumer with no lease)."""
@@ -240,6 +245,11 @@ class ConsumerRunner:
 
     async def on_live(self, event: Event) -> None:
         """Handler subscribed on the bus."""
+        # Shielded: stopping the subscription cancels its worker, and an event handled but
+        # not yet recorded in the cursor would be handled again by the next owner.
+        await asyncio.shield(self._on_live(event))
+
+    async def _on_live(self, event: Event) -> None:
         async with self.lock:
             if not self.active() or self.seen(event.event_id):
                 return  # a standby ignores live events: the owner handles them
@@ -324,26 +334,44 @@ class ConsumerRunner:
 
     async def catch_up(self) -> int:
         """Handle what the log has after ``position`` that was not handled; returns how many."""
+        if self.position is None or not self.active():
+            return 0
+        generation = self.lease.generation if self.lease is not None else None
         total = 0
-        while self.position is not None and self.active():
-            rows = await sync_to_async(_read_ids)(self.position, self.batch_size)
-            if not rows:
-                break
-            wanted = [r[0] for r in rows if self.consumer.matches(r[2]) and not self.seen(r[1])]
-            events = await sync_to_async(_read_events)(wanted) if wanted else {}
-            deadline = gap_deadline()
-            async with self.lock:
-                if not self.active():
+        # The next batch is read while this one is handled: the database's time and
+        # Python's overlap (catch-up is otherwise half waiting on reads).
+        pending: asyncio.Future[Batch] | None = asyncio.ensure_future(self._read_batch(self.position))
+        try:
+            while pending is not None:
+                rows, events = await pending
+                pending = None
+                if not rows:
                     break
-                handled, blocked = await self._catch_up_rows(rows, events, deadline)
-                total += handled
-                await self.save()
-            if len(rows) < self.batch_size or blocked:
-                break
+                if len(rows) >= self.batch_size:
+                    pending = asyncio.ensure_future(self._read_batch(rows[-1][0]))
+                deadline = gap_deadline()
+                async with self.lock:
+                    if not self.active() or (self.lease is not None and self.lease.generation != generation):
+                        break  # lost (and maybe taken again, from another position) meanwhile
+                    handled, blocked = await self._catch_up_rows(rows, events, deadline)
+                    total += handled
+                    await self.save()
+                if blocked:
+                    break
+        finally:
+            if pending is not None:
+                pending.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await pending
         return total
 
+    async def _read_batch(self, after: int) -> Batch:
+        rows = await sync_to_async(_read_ids)(after, self.batch_size)
+        wanted = [r[0] for r in rows if self.consumer.matches(r[2]) and not self.seen(r[1])]
+        return rows, (await sync_to_async(_read_events)(wanted, len(rows)) if wanted else {})
+
     async def _catch_up_rows(
-        self, rows: list[tuple[int, str, str, datetime]], events: dict[int, Event], deadline: datetime
+        self, rows: Rows, events: dict[int, Event], deadline: datetime
     ) -> tuple[int, bool]:
         """One batch of log rows (the lock held): (events handled, whether a gap stopped the position)."""
         assert self.position is not None
@@ -359,8 +387,8 @@ class ConsumerRunner:
             expected = row_id + 1
             event = events.get(row_id)
             if event is not None and not self.seen(event_id):
-                if not self.active():
-                    break  # the lease ran out (or was lost): not one more event
+                if self.stopping or not self.active():
+                    break  # stopping, or the lease ran out (or was lost): not one more event
                 advance = (None if blocked else row_id, event_id)
                 try:
                     committed = await self._handle(event, self._state_after(*advance))
@@ -372,7 +400,7 @@ class ConsumerRunner:
                 unsaved = 0 if committed else unsaved + 1
                 self._dirty = not committed
             elif not blocked:
-                self._advance(row_id, None)
+                self._advance(row_id, event_id)  # and forget it in ``handled`` (handled live)
                 self._dirty = True
             if unsaved and (
                 unsaved >= consumer.checkpoint_every
@@ -416,6 +444,7 @@ class Listener:
         self._subscriptions: list[Subscription] = []
         self._poller: asyncio.Task[None] | None = None
         self._leaser: asyncio.Task[None] | None = None
+        self._pass: asyncio.Future[int] | None = None
         self._unregister: Callable[[], None] | None = None
         self._wake = asyncio.Event()
         self._catching_up = asyncio.Lock()
@@ -457,7 +486,10 @@ class Listener:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.interval)
             self._wake.clear()
-            await self.catch_up()
+            # Shielded: stop() cancels this task, but an event being handled must be recorded
+            # (stop() waits for this pass, which stops before its next event).
+            self._pass = asyncio.ensure_future(self.catch_up())
+            await asyncio.shield(self._pass)
 
     async def _hold_leases(self) -> None:
         """Owners renew every LEASE_TTL / 3; standbys try to take over every STANDBY_RETRY seconds."""
@@ -479,6 +511,8 @@ class Listener:
         """Stop taking events, let handlers finish (up to ``timeout``), save cursors, release leases."""
         if self._unregister is not None:
             self._unregister()
+        for runner in self.runners:
+            runner.stopping = True
         for subscription in self._subscriptions:
             await subscription.cancel()
         self._subscriptions.clear()
@@ -488,6 +522,8 @@ class Listener:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         deadline = time.monotonic() + timeout
+        if self._pass is not None and not self._pass.done():
+            await asyncio.wait([self._pass], timeout=timeout)
         for runner in self.runners:
             try:
                 await asyncio.wait_for(runner.lock.acquire(), max(0.0, deadline - time.monotonic()))
@@ -614,10 +650,19 @@ def _read_ids(after: int, limit: int) -> list[tuple[int, str, str, datetime]]:
     )
 
 
-def _read_events(ids: list[int]) -> dict[int, Event]:
-    # values_list, not model instances: catch-up reads many rows and only needs the events.
-    rows = StoredEvent.objects.filter(id__in=ids).values_list(*EVENT_COLUMNS)
-    return {row[0]: event_from_row(row) for row in rows}
+def _read_events(ids: list[int], span: int | None = None) -> dict[int, Event]:
+    """The events of log rows ``ids`` (ascending), out of ``span`` rows read by id.
+
+    values_list, not model instances: catch-up reads many rows and only needs the
+    events. When most of the span is wanted, one range scan beats an ``IN`` list of
+    thousands of ids; the few other rows are read and dropped.
+    """
+    events = StoredEvent.objects.values_list(*EVENT_COLUMNS)
+    if span is not None and ids and 2 * len(ids) >= span:
+        wanted = set(ids)
+        rows = events.filter(id__gte=ids[0], id__lte=ids[-1])
+        return {row[0]: event_from_row(row) for row in rows if row[0] in wanted}
+    return {row[0]: event_from_row(row) for row in events.filter(id__in=ids)}
 
 
 #: The log columns :func:`event_from_row` reads, in its order.

@@ -69,6 +69,30 @@ def test_lease_is_taken_once_renewed_fenced_and_released() -> None:
     assert leases.acquire(name, "a") == 3  # released: free at once
 
 
+async def test_catch_up_forgets_live_handled_ids_it_passes_and_skips_those_events() -> None:
+    got: list[str] = []
+    consumer = Consumer(name=f"t.pass.{uuid.uuid4().hex[:6]}", pattern="inventory:product", func=got.append)
+    await asyncio.to_thread(save_products, ["c1", "c2", "c3"])
+    rows = await orm(lambda: list(StoredEvent.objects.order_by("id").values_list("id", "event_id")))
+    bus: Any = create_event_bus({"backend": "memory"})
+    await bus.connect()
+    listener = Listener(bus, [consumer], start_after=rows[0][0] - 1, interval=3600)
+    runner = listener.runners[0]
+    await runner.prepare()
+    assert await runner.acquire()
+    runner.handled = {rows[1][1]: None}  # c2 came live, above a gap the log had not filled yet
+    try:
+        assert await runner.catch_up() == 2
+        assert [e.payload["fields"]["name"] for e in got] == ["c1", "c3"]
+        # Passed by the position, c2 leaves ``handled``: the cursor does not grow with every live event.
+        assert runner.handled == {} and runner.position == rows[-1][0]
+        cursor = await orm(lambda: ConsumerCursor.objects.get(name=consumer.name))
+        assert (cursor.position, cursor.handled) == (rows[-1][0], [])
+    finally:
+        await listener.stop()
+        await bus.close()
+
+
 # -- atomic consumers ----------------------------------------------------------------------
 
 
@@ -89,9 +113,10 @@ async def test_atomic_consumer_commits_its_writes_with_the_cursor_and_rolls_back
         retry_delay=0.01,
     )
     await asyncio.to_thread(save_products, ["a1", "a2", "a3"])
+    first = await orm(lambda: StoredEvent.objects.order_by("id").values_list("id", flat=True).first())
     bus: Any = create_event_bus({"backend": "memory"})  # only catch-up is exercised here
     await bus.connect()
-    listener = Listener(bus, [consumer], start_after=0, interval=3600)
+    listener = Listener(bus, [consumer], start_after=first - 1, interval=3600)
     await listener.start()
     try:
         ids = await orm(
