@@ -17,10 +17,16 @@ lower id can appear after a higher one: ``position`` never passes a missing id
 until the row after the gap is ``GAP_TIMEOUT`` seconds old (rolled-back
 transactions leave permanent gaps).
 
-The cursor is saved after every handled event (``checkpoint_every=1``, the
-default), so a crash handles again at most the event that was in flight; a
-consumer that tolerates repeats can checkpoint every N events instead, which
-makes catch-up much faster (one cursor write per N events).
+Each durable consumer is run by one listener process at a time, the holder of its
+lease (:mod:`django_eventbus.leases`); other listeners stand by, ignore its live
+events and take over when the lease is released or expires, resuming from the
+saved cursor. Every cursor write is fenced by the lease's generation: a write that
+matches no row means the lease was lost, and the runner stops handling at once.
+
+The cursor is saved after every live event, and during catch-up every
+``checkpoint_every`` events or ``checkpoint_interval`` seconds (1,000 / 1 s by
+default): a crash repeats at most the event in flight, or that window of a
+catch-up. ``atomic=True`` consumers commit the cursor in the handler's transaction.
 """
 
 from __future__ import annotations
