@@ -144,7 +144,11 @@ class ConsumerRunner:
             return False
         async with self.lock:
             self.lease.held(generation, started)
-            await self.load()
+            try:
+                await self.load()
+            except BaseException:
+                self.lease.lost()  # never handle from a position it did not load; it expires
+                raise
         logger.info(
             "consumer %s: owned by this listener (%s) from position %s, generation %d",
             self.consumer.name,
