@@ -31,6 +31,9 @@ DEFAULTS: dict[str, Any] = {
     "PUBLISH_TIMEOUT": 10.0,
     "CATCHUP_INTERVAL": 2.0,
     "GAP_TIMEOUT": 30.0,
+    # Seconds a durable consumer's owner may go without renewing before a standby takes
+    # over (docs/consumers.md); renewed every LEASE_TTL / 3.
+    "LEASE_TTL": 5.0,
     # Events one transaction keeps in memory for publishing after commit; the rest
     # are published by the relay from the log (docs/guarantees.md).
     "PUBLISH_BUFFER": 10_000,
@@ -168,6 +171,10 @@ class EventBusSettings:
     @property
     def GAP_TIMEOUT(self) -> float:
         return float(self.get("GAP_TIMEOUT"))
+
+    @property
+    def LEASE_TTL(self) -> float:
+        return float(self.get("LEASE_TTL"))
 
     @property
     def ADMIN_WEBSOCKET_URL(self) -> str | None:

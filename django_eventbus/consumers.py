@@ -45,8 +45,14 @@ class Consumer:
     retries: int = 3
     #: seconds before the first retry (doubling, with jitter)
     retry_delay: float = 0.2
-    #: save the cursor after this many handled events (a crash may repeat up to this many)
-    checkpoint_every: int = 1
+    #: during catch-up, save the cursor after this many handled events or ``checkpoint_interval``
+    #: seconds, whichever comes first (a crash in catch-up may repeat that many); live events
+    #: save it after each one
+    checkpoint_every: int = 1000
+    checkpoint_interval: float = 1.0
+    #: sync handlers only: the handler's database writes and the cursor update commit in one
+    #: transaction, so even a crash repeats nothing
+    atomic: bool = False
     #: ``(position, handled) -> bool``, asked (in a thread; it may query the log) before each
     #: catch-up: True skips the backlog and moves the cursor to the end of the log, as for a
     #: new consumer. For consumers that would rather lose a long backlog than replay it (the
@@ -75,6 +81,13 @@ def register(item: Consumer) -> Consumer:
         raise ValueError("retries must be >= 0")
     if item.checkpoint_every < 1:
         raise ValueError("checkpoint_every must be >= 1")
+    if item.checkpoint_interval < 0:
+        raise ValueError("checkpoint_interval must be >= 0")
+    if item.atomic and (item.is_async or not item.durable):
+        raise ValueError(
+            f"consumer {item.name}: atomic=True needs a durable consumer with a sync handler "
+            "(its database writes and the cursor commit in one transaction of its thread)"
+        )
     _registry[item.name] = item
     return item
 
@@ -94,7 +107,9 @@ def consumer(
     durable: bool = True,
     retries: int = 3,
     retry_delay: float = 0.2,
-    checkpoint_every: int = 1,
+    checkpoint_every: int = 1000,
+    checkpoint_interval: float = 1.0,
+    atomic: bool = False,
 ) -> Callable[[F], F]:
     """Decorator: run ``func(event)`` (sync or async) for every event on ``pattern``.
 
@@ -102,8 +117,10 @@ def consumer(
     (``"inventory:*"``). ``name`` (default: the function's dotted path) keys the
     durable cursor, so keep it stable across deploys. A raising call is retried
     ``retries`` times, then recorded as a dead letter (see the admin) and the
-    consumer moves on. The cursor is saved after every event; ``checkpoint_every=N``
-    saves it every N events (faster catch-up; a crash may repeat up to N events).
+    consumer moves on. The cursor is saved after every live event, and during catch-up
+    every ``checkpoint_every`` events or ``checkpoint_interval`` seconds (a crash in
+    catch-up may repeat up to that many). ``atomic=True`` (sync handlers) commits the
+    handler's database writes and the cursor update together: a crash repeats nothing.
     """
 
     def decorate(func: F) -> F:
@@ -116,6 +133,8 @@ def consumer(
                 retries=retries,
                 retry_delay=retry_delay,
                 checkpoint_every=checkpoint_every,
+                checkpoint_interval=checkpoint_interval,
+                atomic=atomic,
             )
         )
         return func

@@ -17,10 +17,16 @@ lower id can appear after a higher one: ``position`` never passes a missing id
 until the row after the gap is ``GAP_TIMEOUT`` seconds old (rolled-back
 transactions leave permanent gaps).
 
-The cursor is saved after every handled event (``checkpoint_every=1``, the
-default), so a crash handles again at most the event that was in flight; a
-consumer that tolerates repeats can checkpoint every N events instead, which
-makes catch-up much faster (one cursor write per N events).
+Each durable consumer is run by one listener process at a time, the holder of its
+lease (:mod:`django_eventbus.leases`); other listeners stand by, ignore its live
+events and take over when the lease is released or expires, resuming from the
+saved cursor. Every cursor write is fenced by the lease's generation: a write that
+matches no row means the lease was lost, and the runner stops handling at once.
+
+The cursor is saved after every live event, and during catch-up every
+``checkpoint_every`` events or ``checkpoint_interval`` seconds (1,000 / 1 s by
+default): a crash repeats at most the event in flight, or that window of a
+catch-up. ``atomic=True`` consumers commit the cursor in the handler's transaction.
 """
 
 from __future__ import annotations
@@ -32,13 +38,14 @@ import logging
 import time
 import traceback
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import Any, TypeVar
 
 from asgiref.sync import sync_to_async
 from django.db import connections, transaction
 
-from . import signals, tracing
+from . import leases, signals, tracing
 from .conf import conf
 from .consumers import Consumer
 from .events.backoff import backoff_delays
@@ -47,12 +54,20 @@ from .events.dispatch import call_handler
 from .events.types import Event, EventType, Subscription
 from .models import ConsumerCursor, DeadLetter, StoredEvent
 
-__all__ = ["ConsumerRunner", "Listener", "event_from_row", "gap_deadline", "gap_may_fill"]
+__all__ = ["ConsumerRunner", "LeaseLost", "Listener", "event_from_row", "gap_deadline", "gap_may_fill"]
 
 logger = logging.getLogger("django_eventbus")
 
 #: in-memory dedup window (event ids) against late live copies of caught-up events
 RECENT = 20_000
+#: seconds between a standby's attempts to take a consumer's lease (one cheap UPDATE each)
+STANDBY_RETRY = 0.25
+T = TypeVar("T")
+#: a fenced cursor write: (name, owner, generation, position, handled)
+Fence = tuple[str, str, int, int, list[str]]
+#: log rows (id, event_id, topic, timestamp), and the events of those to handle by id
+Rows = list[tuple[int, str, str, datetime]]
+Batch = tuple[Rows, dict[int, Event]]
 
 
 def gap_deadline() -> datetime:
@@ -70,8 +85,12 @@ def gap_may_fill(missing: bool, timestamp: datetime, deadline: datetime) -> bool
     return missing and timestamp > deadline
 
 
+class LeaseLost(Exception):
+    """A fenced cursor write matched no row: another listener owns the consumer now."""
+
+
 class ConsumerRunner:
-    """One consumer: its lock, its cursor, retries and dead letters."""
+    """One consumer: its lease, its lock, its cursor, retries and dead letters."""
 
     def __init__(
         self,
@@ -79,10 +98,14 @@ class ConsumerRunner:
         *,
         persist: bool,
         start_after: int | None = None,
-        batch_size: int = 1000,
+        batch_size: int = 5000,
+        owner: str | None = None,
+        lease_executor: ThreadPoolExecutor | None = None,
     ) -> None:
         self.consumer = consumer
         self.persist = persist
+        #: durable consumers are leased: this process handles them only while it owns them
+        self.lease = leases.Lease(consumer.name, owner or leases.new_owner()) if persist else None
         self.lock = asyncio.Lock()
         self.position: int | None = start_after
         self.handled: dict[str, None] = {}  # ordered set: ids handled above position
@@ -90,33 +113,144 @@ class ConsumerRunner:
         self.batch_size = batch_size
         self.handled_count = 0
         self.failed_count = 0
+        self._start_after = start_after
         self._dirty = False
+        self._saved_at = time.monotonic()
         self._func = _callable(consumer)
         # Set once the first catch-up is done (Listener.start): live events wait for it, so a
         # restarted consumer handles its backlog before the events that came after it, in log
         # order (otherwise the first live events would overtake the backlog).
         self.resumed = asyncio.Event()
+        self._atomic = _atomic_callable(consumer) if consumer.atomic and persist else None
+        self._lease_executor = lease_executor
+        #: set by Listener.stop(): catch-up stops before its next event
+        self.stopping = False
+
+    def active(self) -> bool:
+        """Whether this process handles the consumer now (always, for a consumer with no lease)."""
+        return self.lease is None or self.lease.valid
+
+    # -- lease ---------------------------------------------------------------------
+
+    async def _lease_call(self, func: Callable[..., T], *args: Any) -> T:
+        # Lease statements run on a thread of their own: a slow sync handler occupies the
+        # consumers' thread, and must not delay the heartbeat that keeps the lease.
+        if self._lease_executor is None:
+            return await sync_to_async(func)(*args)
+        return await _in_thread(self._lease_executor, func, *args)
+
+    async def acquire(self) -> bool:
+        """Take the lease if it is free or expired, then load the cursor; False while another owns it."""
+        assert self.lease is not None
+        started = time.monotonic()
+        generation = await self._lease_call(leases.acquire, self.lease.name, self.lease.owner)
+        if generation is None:
+            return False
+        async with self.lock:
+            self.lease.held(generation, started)
+            try:
+                await self.load()
+            except BaseException:
+                self.lease.lost()  # never handle from a position it did not load; it expires
+                raise
+        logger.info(
+            "consumer %s: owned by this listener (%s) from position %s, generation %d",
+            self.consumer.name,
+            self.lease.owner,
+            self.position,
+            generation,
+        )
+        return True
+
+    async def renew(self) -> None:
+        """The owner's heartbeat; a failed one means the lease is gone."""
+        lease = self.lease
+        if lease is None or lease.generation is None:
+            return
+        generation, started = lease.generation, time.monotonic()
+        if await self._lease_call(leases.renew, lease.name, lease.owner, generation):
+            if lease.generation == generation:
+                lease.held(generation, started)
+        else:
+            self._lost()
+
+    async def release(self) -> None:
+        lease = self.lease
+        if lease is not None and lease.generation is not None:
+            generation = lease.generation
+            lease.lost()
+            await self._lease_call(leases.release, lease.name, lease.owner, generation)
+
+    def _lost(self) -> None:
+        assert self.lease is not None
+        if self.lease.generation is None:
+            return
+        logger.warning(
+            "consumer %s: lease lost (generation %d; another listener owns it now): "
+            "this listener stops handling it and stands by",
+            self.consumer.name,
+            self.lease.generation,
+        )
+        self.lease.lost()
+        self._dirty = False  # never write over the new owner's cursor
 
     # -- cursor ------------------------------------------------------------------
+
+    async def prepare(self) -> None:
+        """Create the cursor row if the consumer is new, so that listeners can lease it."""
+        if self.persist:
+            await sync_to_async(_ensure_cursor)(self.consumer.name, self._start_after)
 
     async def load(self) -> None:
         if not self.persist:
             return
         cursor = await sync_to_async(_load_cursor)(self.consumer.name)
-        if cursor is None:
-            # A new consumer starts at the end of the log (like a new Kafka group at
-            # "latest"): it does not replay history unless asked (--since).
-            start = self.position if self.position is not None else await sync_to_async(_last_id)()
-            self.position = start
-            await sync_to_async(_save_cursor)(self.consumer.name, start, [])
+        handled = (cursor.handled or []) if cursor is not None else []
+        # --since (start_after) applies to the first acquisition; later ones resume the cursor.
+        if self._start_after is not None:
+            self.position, self._start_after = self._start_after, None
+            self._dirty = True
         else:
-            self.position = cursor.position if self.position is None else self.position
-            self.handled = dict.fromkeys(cursor.handled or [])
+            assert cursor is not None
+            self.position = cursor.position
+        self.handled = dict.fromkeys(handled)
 
     async def save(self) -> None:
-        if self.persist and self._dirty and self.position is not None:
-            self._dirty = False
-            await sync_to_async(_save_cursor)(self.consumer.name, self.position, list(self.handled))
+        lease = self.lease
+        if lease is None or lease.generation is None or not self._dirty or self.position is None:
+            return
+        self._dirty = False
+        generation, started = lease.generation, time.monotonic()
+        saved = await sync_to_async(leases.save_cursor)(
+            lease.name, lease.owner, generation, self.position, list(self.handled)
+        )
+        if not saved:
+            self._lost()
+        elif lease.generation == generation:
+            lease.held(generation, started)
+        self._saved_at = started
+
+    def _advance(self, position: int | None, event_id: str | None) -> None:
+        """Record a row as done: ``position`` moves to it, or (above a gap) ``event_id`` is remembered."""
+        if position is not None:
+            self.position = position
+            if event_id is not None:
+                self.handled.pop(event_id, None)
+        elif event_id is not None:
+            self.handled[event_id] = None
+
+    def _state_after(self, position: int | None, event_id: str | None) -> Fence | None:
+        """The fenced cursor write :meth:`_advance` will need, for an atomic consumer (else None)."""
+        if self._atomic is None or self.lease is None or self.lease.generation is None:
+            return None
+        assert self.position is not None
+        handled = dict(self.handled)
+        if position is not None:
+            handled.pop(event_id or "", None)
+        elif event_id is not None:
+            handled[event_id] = None
+        moved = position if position is not None else self.position
+        return (self.lease.name, self.lease.owner, self.lease.generation, moved, list(handled))
 
     # -- handling ------------------------------------------------------------------
 
@@ -126,35 +260,57 @@ class ConsumerRunner:
     async def on_live(self, event: Event) -> None:
         """Handler subscribed on the bus."""
         await self.resumed.wait()
+        # Shielded: stopping the subscription cancels its worker, and an event handled but
+        # not yet recorded in the cursor would be handled again by the next owner.
+        await asyncio.shield(self._on_live(event))
+
+    async def _on_live(self, event: Event) -> None:
         async with self.lock:
-            if self.seen(event.event_id):
-                return
-            if not self.persist or self.position is None:
+            if not self.active() or self.seen(event.event_id):
+                return  # a standby ignores live events: the owner handles them
+            if self.lease is None or self.position is None:
                 await self._handle(event)
                 return
             log_id = await sync_to_async(_log_id)(event.event_id)
             if log_id is not None and log_id <= self.position:
                 return  # handled before: a re-published event, or a late copy after catch-up
-            await self._handle(event)
             # Usually the event is the next row of the log: then the position moves and
             # the cursor stays small. Otherwise (a gap before it) its id is remembered.
-            if log_id is not None and log_id == self.position + 1:
-                self.position = log_id
-            elif log_id is None or log_id > self.position:
-                self.handled[event.event_id] = None
-            self._dirty = True
-            await self.save()
+            next_row = log_id is not None and log_id == self.position + 1
+            advance = (log_id if next_row else None, event.event_id)
+            if not self.active():
+                return
+            try:
+                committed = await self._handle(event, self._state_after(*advance))
+            except LeaseLost:
+                self._lost()
+                return
+            self._advance(*advance)
+            self._dirty = not committed
+            await self.save()  # live events: a checkpoint each (one UPDATE, fenced)
 
-    async def _handle(self, event: Event) -> None:
+    async def _handle(self, event: Event, fence: Fence | None = None) -> bool:
+        """Handle ``event`` with retries; True if an atomic consumer committed ``fence`` with it.
+
+        Raises :class:`LeaseLost` when an atomic consumer's fenced cursor write fails (its
+        handler's writes were rolled back with it).
+        """
         consumer = self.consumer
         delays = backoff_delays(initial=consumer.retry_delay, maximum=30.0)
         attempts = 0
+        committed = False
         while True:
             attempts += 1
             started = time.perf_counter()
             try:
                 with tracing.handle_span(consumer.name, event):
-                    await call_handler(self._func, event)
+                    if self._atomic is not None and fence is not None:
+                        await self._atomic(event, fence)
+                        committed = True
+                    else:
+                        await call_handler(self._func, event)
+            except LeaseLost:
+                raise
             except Exception as exc:
                 logger.warning(
                     "consumer %s failed on event %s (%s), attempt %d of %d",
@@ -185,6 +341,9 @@ class ConsumerRunner:
         self.recent[event.event_id] = None
         if len(self.recent) > RECENT:
             self.recent.popitem(last=False)
+        if committed and self.lease is not None and self.lease.generation is not None:
+            self._saved_at = time.monotonic()
+        return committed
 
     # -- catch-up ------------------------------------------------------------------
 
@@ -214,51 +373,87 @@ class ConsumerRunner:
 
     async def catch_up(self) -> int:
         """Handle what the log has after ``position`` that was not handled; returns how many."""
-        if self.position is None:
+        if self.position is None or not self.active():
             return 0
         await self._skip_backlog()
+        generation = self.lease.generation if self.lease is not None else None
         total = 0
-        while True:
-            rows = await sync_to_async(_read_ids)(self.position, self.batch_size)
-            if not rows:
-                break
-            wanted = [r[0] for r in rows if self.consumer.matches(r[2]) and not self.seen(r[1])]
-            events = await sync_to_async(_read_events)(wanted) if wanted else {}
-            deadline = gap_deadline()
-            async with self.lock:
-                expected = self.position + 1
-                blocked = False
-                unsaved = 0
-                for row_id, event_id, _topic, timestamp in rows:
-                    if not blocked and gap_may_fill(row_id != expected, timestamp, deadline):
-                        blocked = True  # ids below row_id may still commit: keep position here
-                    event = events.get(row_id)
-                    handle = event is not None and not self.seen(event_id)
-                    if handle:
-                        assert event is not None
-                        await self._handle(event)
-                        total += 1
-                        unsaved += 1
-                    if not blocked:
-                        self.position = row_id
-                        self.handled.pop(event_id, None)
-                    elif handle:
-                        self.handled[event_id] = None
-                    expected = row_id + 1
-                    self._dirty = True
-                    if unsaved >= self.consumer.checkpoint_every:
-                        # The cursor is saved before the next event is handled, so a crash
-                        # handles again at most ``checkpoint_every`` events (1 by default).
-                        await self.save()
-                        unsaved = 0
-                await self.save()
-            if len(rows) < self.batch_size or blocked:
-                break
+        # The next batch is read while this one is handled: the database's time and
+        # Python's overlap (catch-up is otherwise half waiting on reads).
+        pending: asyncio.Future[Batch] | None = asyncio.ensure_future(self._read_batch(self.position))
+        try:
+            while pending is not None:
+                rows, events = await pending
+                pending = None
+                if not rows:
+                    break
+                if len(rows) >= self.batch_size:
+                    pending = asyncio.ensure_future(self._read_batch(rows[-1][0]))
+                deadline = gap_deadline()
+                async with self.lock:
+                    if not self.active() or (self.lease is not None and self.lease.generation != generation):
+                        break  # lost (and maybe taken again, from another position) meanwhile
+                    handled, blocked = await self._catch_up_rows(rows, events, deadline)
+                    total += handled
+                    await self.save()
+                if blocked:
+                    break
+        finally:
+            if pending is not None:
+                pending.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await pending
         return total
+
+    async def _read_batch(self, after: int) -> Batch:
+        rows = await sync_to_async(_read_ids)(after, self.batch_size)
+        wanted = [r[0] for r in rows if self.consumer.matches(r[2]) and not self.seen(r[1])]
+        return rows, (await sync_to_async(_read_events)(wanted, len(rows)) if wanted else {})
+
+    async def _catch_up_rows(
+        self, rows: Rows, events: dict[int, Event], deadline: datetime
+    ) -> tuple[int, bool]:
+        """One batch of log rows (the lock held): (events handled, whether a gap stopped the position)."""
+        assert self.position is not None
+        consumer = self.consumer
+        expected = self.position + 1
+        blocked = False
+        total = unsaved = 0
+        for row_id, event_id, _topic, timestamp in rows:
+            if row_id <= self.position:
+                continue  # the live path moved past it while the batch was read
+            if not blocked and gap_may_fill(row_id != expected, timestamp, deadline):
+                blocked = True  # ids below row_id may still commit: keep position here
+            expected = row_id + 1
+            event = events.get(row_id)
+            if event is not None and not self.seen(event_id):
+                if self.stopping or not self.active():
+                    break  # stopping, or the lease ran out (or was lost): not one more event
+                advance = (None if blocked else row_id, event_id)
+                try:
+                    committed = await self._handle(event, self._state_after(*advance))
+                except LeaseLost:
+                    self._lost()
+                    break
+                self._advance(*advance)
+                total += 1
+                unsaved = 0 if committed else unsaved + 1
+                self._dirty = not committed
+            elif not blocked:
+                self._advance(row_id, event_id)  # and forget it in ``handled`` (handled live)
+                self._dirty = True
+            if unsaved and (
+                unsaved >= consumer.checkpoint_every
+                or time.monotonic() - self._saved_at >= consumer.checkpoint_interval
+            ):
+                # A crash in catch-up handles again at most what was handled since this save.
+                await self.save()
+                unsaved = 0
+        return total, blocked
 
 
 class Listener:
-    """Subscribes consumers on a bus and keeps them caught up with the log."""
+    """Subscribes consumers on a bus, holds their leases and keeps them caught up with the log."""
 
     def __init__(
         self,
@@ -268,25 +463,38 @@ class Listener:
         catch_up: bool = True,
         start_after: int | None = None,
         interval: float | None = None,
+        owner: str | None = None,
     ) -> None:
         self.bus = bus
         self.catch_up_enabled = catch_up and conf.STORE_EVENTS
         self.interval = interval if interval is not None else float(conf.get("CATCHUP_INTERVAL"))
+        #: this listener's name in the leases it holds: host:pid:random
+        self.owner = owner or leases.new_owner()
+        self._lease_executor = ThreadPoolExecutor(1, thread_name_prefix="eventbus-lease")
         self.runners = [
-            ConsumerRunner(c, persist=c.durable and self.catch_up_enabled, start_after=start_after)
+            ConsumerRunner(
+                c,
+                persist=c.durable and self.catch_up_enabled,
+                start_after=start_after,
+                owner=self.owner,
+                lease_executor=self._lease_executor,
+            )
             for c in consumers
         ]
         self._subscriptions: list[Subscription] = []
         self._poller: asyncio.Task[None] | None = None
+        self._leaser: asyncio.Task[None] | None = None
+        self._pass: asyncio.Future[int] | None = None
         self._unregister: Callable[[], None] | None = None
         self._wake = asyncio.Event()
         self._catching_up = asyncio.Lock()
 
     async def start(self) -> None:
         for runner in self.runners:
-            if self.catch_up_enabled and (runner.persist or runner.position is not None):
-                await runner.load()
-            else:
+            if runner.persist:
+                await runner.prepare()
+                await runner.acquire()  # else a standby: the lease loop keeps trying
+            elif not (self.catch_up_enabled and runner.position is not None):
                 runner.position = None
             consumer = runner.consumer
             pattern = consumer.pattern if consumer.is_pattern else None
@@ -296,7 +504,10 @@ class Listener:
         if self.catch_up_enabled:
             self._unregister = self.bus.on_connection_restored(self._wake.set)
             await self.catch_up()
-            self._poller = asyncio.get_running_loop().create_task(self._poll())
+            loop = asyncio.get_running_loop()
+            self._poller = loop.create_task(self._poll())
+            if any(r.lease is not None for r in self.runners):
+                self._leaser = loop.create_task(self._hold_leases())
         for runner in self.runners:
             runner.resumed.set()
 
@@ -317,33 +528,64 @@ class Listener:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.interval)
             self._wake.clear()
-            await self.catch_up()
+            # Shielded: stop() cancels this task, but an event being handled must be recorded
+            # (stop() waits for this pass, which stops before its next event).
+            self._pass = asyncio.ensure_future(self.catch_up())
+            await asyncio.shield(self._pass)
+
+    async def _hold_leases(self) -> None:
+        """Owners renew every LEASE_TTL / 3; standbys try to take over every STANDBY_RETRY seconds."""
+        leased = [r for r in self.runners if r.lease is not None]
+        while True:
+            await asyncio.sleep(min(STANDBY_RETRY, conf.LEASE_TTL / 3))
+            for runner in leased:
+                assert runner.lease is not None
+                try:
+                    if runner.lease.generation is None:
+                        if await runner.acquire():
+                            self._wake.set()  # the new owner catches up from the saved cursor now
+                    elif time.monotonic() - runner.lease.renewed_at >= conf.LEASE_TTL / 3:
+                        await runner.renew()
+                except Exception:
+                    logger.exception("lease of consumer %s: the database call failed", runner.consumer.name)
 
     async def stop(self, timeout: float = 10.0) -> None:
-        """Stop taking events, let running handlers finish (up to ``timeout``), save cursors."""
+        """Stop taking events, let handlers finish (up to ``timeout``), save cursors, release leases."""
         if self._unregister is not None:
             self._unregister()
+        for runner in self.runners:
+            runner.stopping = True
         for subscription in self._subscriptions:
             await subscription.cancel()
         self._subscriptions.clear()
-        if self._poller is not None:
-            self._poller.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._poller
+        for task in (self._poller, self._leaser):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         deadline = time.monotonic() + timeout
+        if self._pass is not None and not self._pass.done():
+            await asyncio.wait([self._pass], timeout=timeout)
         for runner in self.runners:
             try:
                 await asyncio.wait_for(runner.lock.acquire(), max(0.0, deadline - time.monotonic()))
             except asyncio.TimeoutError:
+                # Its lease is kept (it expires): a standby must not start while a handler runs.
                 logger.warning("consumer %s still busy at shutdown", runner.consumer.name)
                 continue
             try:
                 await runner.save()
+                await runner.release()  # a standby takes over at its next try
+            except Exception:
+                logger.exception("consumer %s: saving the cursor at shutdown failed", runner.consumer.name)
             finally:
                 runner.lock.release()
-        # The ORM ran in asgiref's thread-sensitive executor: close that thread's connections.
+        # The ORM ran in asgiref's thread-sensitive executor and the lease thread: close
+        # their connections.
         with contextlib.suppress(RuntimeError):  # at interpreter exit the executors are shut down
             await sync_to_async(connections.close_all)()
+            await _in_thread(self._lease_executor, connections.close_all)
+        self._lease_executor.shutdown(wait=False)
 
 
 def _callable(consumer: Consumer) -> Callable[[Event], Any]:
@@ -358,6 +600,26 @@ def _callable(consumer: Consumer) -> Callable[[Event], Any]:
 
     # One worker thread for sync consumers (asgiref's thread-sensitive executor), so the
     # ORM keeps one persistent connection per listener process, as in a sync view.
+    return sync_to_async(call, thread_sensitive=True)
+
+
+async def _in_thread(executor: ThreadPoolExecutor, func: Callable[..., T], *args: Any) -> T:
+    return await sync_to_async(func, thread_sensitive=False, executor=executor)(*args)
+
+
+def _atomic_callable(consumer: Consumer) -> Callable[[Event, Fence], Any]:
+    def call(event: Event, fence: Fence) -> None:
+        try:
+            # The handler's writes and the fenced cursor write commit together or not at all:
+            # a crash before COMMIT repeats the event with none of its writes kept, and a
+            # listener that lost its lease rolls its writes back.
+            with transaction.atomic(using=conf.DATABASE_ALIAS):
+                consumer.func(event)
+                if not leases.save_cursor(*fence):
+                    raise LeaseLost(consumer.name)
+        finally:
+            _drop_broken_connections()
+
     return sync_to_async(call, thread_sensitive=True)
 
 
@@ -405,9 +667,17 @@ def _load_cursor(name: str) -> ConsumerCursor | None:
 
 
 def _save_cursor(name: str, position: int, handled: list[str]) -> None:
+    """An unfenced cursor write, for the relay (which its advisory lock makes exclusive)."""
     # One UPDATE (update_or_create would lock, select and update: four round trips).
     if not ConsumerCursor.objects.filter(name=name).update(position=position, handled=handled):
         ConsumerCursor.objects.create(name=name, position=position, handled=handled)
+
+
+def _ensure_cursor(name: str, start_after: int | None) -> None:
+    # A new consumer starts at the end of the log (like a new Kafka group at "latest"): it
+    # does not replay history unless asked (--since).
+    if not ConsumerCursor.objects.filter(name=name).exists():
+        leases.ensure_cursor(name, start_after if start_after is not None else _last_id())
 
 
 def _log_id(event_id: str) -> int | None:
@@ -422,10 +692,19 @@ def _read_ids(after: int, limit: int) -> list[tuple[int, str, str, datetime]]:
     )
 
 
-def _read_events(ids: list[int]) -> dict[int, Event]:
-    # values_list, not model instances: catch-up reads many rows and only needs the events.
-    rows = StoredEvent.objects.filter(id__in=ids).values_list(*EVENT_COLUMNS)
-    return {row[0]: event_from_row(row) for row in rows}
+def _read_events(ids: list[int], span: int | None = None) -> dict[int, Event]:
+    """The events of log rows ``ids`` (ascending), out of ``span`` rows read by id.
+
+    values_list, not model instances: catch-up reads many rows and only needs the
+    events. When most of the span is wanted, one range scan beats an ``IN`` list of
+    thousands of ids; the few other rows are read and dropped.
+    """
+    events = StoredEvent.objects.values_list(*EVENT_COLUMNS)
+    if span is not None and ids and 2 * len(ids) >= span:
+        wanted = set(ids)
+        rows = events.filter(id__gte=ids[0], id__lte=ids[-1])
+        return {row[0]: event_from_row(row) for row in rows if row[0] in wanted}
+    return {row[0]: event_from_row(row) for row in events.filter(id__in=ids)}
 
 
 #: The log columns :func:`event_from_row` reads, in its order.

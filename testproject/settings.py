@@ -123,6 +123,7 @@ EVENTBUS: dict[str, Any] = {
     # The library's default is "auto" (database capture on PostgreSQL). The suite names the
     # mode: signal capture here, database capture where tests/test_database_capture.py asks.
     "CAPTURE": os.environ.get("EVENTBUS_CAPTURE", "signals"),
+    "LEASE_TTL": float(os.environ.get("EVENTBUS_LEASE_TTL", "5.0")),
     "MODELS": {
         "inventory.Product": {},
         "inventory.Order": {},

@@ -161,7 +161,19 @@ async def test_killed_listener_connection_loses_and_repeats_nothing(bus_kind: st
     assert bus.stats.reconnects >= 2
 
 
-def start_listener(env: dict[str, str], record_to: Path, database: str) -> subprocess.Popen[str]:
+def start_listener(
+    env: dict[str, str],
+    record_to: Path,
+    database: str,
+    *,
+    args: tuple[str, ...] = (),
+    log_to: Path | None = None,
+    ready: str = "listening on",
+) -> subprocess.Popen[str]:
+    """``manage.py eventbus_listen`` on ``database``, its recorder consumer writing to ``record_to``.
+
+    Returns once its output says ``ready``; the rest of its output goes to ``log_to`` (or nowhere).
+    """
     full_env = {
         **os.environ,
         **env,
@@ -171,7 +183,7 @@ def start_listener(env: dict[str, str], record_to: Path, database: str) -> subpr
         "PYTHONUNBUFFERED": "1",
     }
     process = subprocess.Popen(
-        [sys.executable, "manage.py", "eventbus_listen"],
+        [sys.executable, "manage.py", "eventbus_listen", *args],
         cwd=ROOT,
         env=full_env,
         stdout=subprocess.PIPE,
@@ -181,18 +193,28 @@ def start_listener(env: dict[str, str], record_to: Path, database: str) -> subpr
     assert process.stdout is not None
     deadline = time.monotonic() + 30
     for line in process.stdout:
-        if "listening on" in line or time.monotonic() > deadline:
+        if log_to is not None:
+            with log_to.open("a") as log:
+                log.write(line)
+        if ready in line or time.monotonic() > deadline:
             break
     else:
         process.stdout.close()
         raise AssertionError(f"listener exited: {process.wait()}")
-    threading.Thread(target=_drain, args=(process.stdout,), daemon=True).start()  # keep the pipe drained
+    # keep the pipe drained
+    threading.Thread(target=_drain, args=(process.stdout, log_to), daemon=True).start()
     return process
 
 
-def _drain(stream: Any) -> None:
+def _drain(stream: Any, log_to: Path | None = None) -> None:
     with stream:
-        stream.read()
+        if log_to is None:
+            stream.read()
+            return
+        with log_to.open("a") as log:
+            for line in stream:
+                log.write(line)
+                log.flush()
 
 
 def recorded(path: Path) -> list[str]:

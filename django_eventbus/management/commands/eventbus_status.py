@@ -27,7 +27,7 @@ EXACT_COUNT_LIMIT = 100_000
 class Command(EventbusCommand):
     help = (
         "Show the event bus backend and whether it connects, the size of the event log, this "
-        "process's counters and, for each durable consumer, its cursor and lag."
+        "process's counters and, for each durable consumer, its cursor, lag and owning listener."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
@@ -139,6 +139,7 @@ def consumer_status(using: str) -> list[dict[str, Any]]:
             "registered": consumer is not None,
             "position": cursor.position if cursor else None,
             "cursor_updated": cursor.updated_at if cursor else None,
+            **owner_status(cursor, now),
             "lag_events": None,
             "lag_capped": False,
             "lag_seconds": None,
@@ -163,6 +164,22 @@ def consumer_status(using: str) -> list[dict[str, Any]]:
             item["lag_seconds"] = round((now - pending[0]).total_seconds(), 3) if pending else 0.0
         result.append(item)
     return result
+
+
+def owner_status(cursor: ConsumerCursor | None, now: datetime) -> dict[str, Any]:
+    """Who holds the consumer's lease (host, pid), since when, and until when unless renewed."""
+    if cursor is None or not cursor.owner or cursor.expires_at is None or cursor.expires_at <= now:
+        # Free, released or expired: the next listener to try takes it.
+        return dict.fromkeys(("owner", "owner_host", "owner_pid", "owner_since", "lease_expires"))
+    host, _, rest = cursor.owner.partition(":")
+    pid = rest.partition(":")[0]
+    return {
+        "owner": cursor.owner,
+        "owner_host": host,
+        "owner_pid": int(pid) if pid.isdigit() else None,
+        "owner_since": cursor.owner_since,
+        "lease_expires": cursor.expires_at,
+    }
 
 
 # -- output -------------------------------------------------------------------------------
@@ -200,6 +217,12 @@ def format_text(status: dict[str, Any]) -> str:
         else:
             lag = f"{item['lag_events']}{'+' if item['lag_capped'] else ''} event(s)"
             detail = f"position {item['position']}, lag {lag}, {item['lag_seconds']} s behind"
+            if item["owner"]:
+                detail += (
+                    f"; owner {item['owner_host']} pid {item['owner_pid']} since {_time(item['owner_since'])}"
+                )
+            elif item["registered"]:
+                detail += "; no owner (no listener runs it)"
         pattern = item["pattern"] or "(not registered in this process)"
         lines.append(f"  {item['name']}  [{pattern}]  {detail}")
     return "\n".join(lines)
