@@ -33,12 +33,24 @@ except ImportError:  # the API is optional
 _TRACE_KEYS = ("traceparent", "tracestate")
 
 
+def _configured() -> Any:
+    """``_api`` once the application set a tracer provider, else None.
+
+    Until then every span would be a no-op, yet creating one and extracting its context
+    cost a third of catch-up's time per event (profiled): skip the work instead.
+    """
+    if _api is None or isinstance(_api[1].get_tracer_provider(), _api[1].ProxyTracerProvider):
+        return None
+    return _api
+
+
 def inject(metadata: Mapping[str, Any]) -> Mapping[str, Any]:
     """``metadata`` plus the current trace context, or ``metadata`` itself when there is none."""
-    if _api is None or any(key in metadata for key in _TRACE_KEYS):
+    api = _configured()
+    if api is None or any(key in metadata for key in _TRACE_KEYS):
         return metadata
     carrier: dict[str, str] = {}
-    _api[0].inject(carrier)
+    api[0].inject(carrier)
     if not carrier:
         return metadata
     return {**metadata, **{k: v for k, v in carrier.items() if k in _TRACE_KEYS}}
@@ -54,10 +66,11 @@ def _attributes(event: Event) -> dict[str, str]:
 
 @contextlib.contextmanager
 def publish_span(events: Sequence[Event]) -> Iterator[None]:
-    if _api is None or not events:
+    api = _configured()
+    if api is None or not events:
         yield
         return
-    propagate, trace = _api
+    propagate, trace = api
     # The loop thread that publishes has no current span: the context travels in the event.
     parent = propagate.extract({k: v for k, v in events[0].metadata.items() if k in _TRACE_KEYS})
     name = f"publish {events[0].topic}" if len(events) == 1 else f"publish {len(events)} events"
@@ -72,10 +85,11 @@ def publish_span(events: Sequence[Event]) -> Iterator[None]:
 
 @contextlib.contextmanager
 def handle_span(consumer: str, event: Event) -> Iterator[None]:
-    if _api is None:
+    api = _configured()
+    if api is None:
         yield
         return
-    propagate, trace = _api
+    propagate, trace = api
     parent = propagate.extract({k: v for k, v in event.metadata.items() if k in _TRACE_KEYS})
     attributes = {**_attributes(event), "messaging.consumer.group.name": consumer}
     with trace.get_tracer("django_eventbus").start_as_current_span(

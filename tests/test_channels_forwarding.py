@@ -324,6 +324,14 @@ def forwarder_runner() -> ConsumerRunner:
     return ConsumerRunner(consumer, persist=True)
 
 
+async def owned_forwarder() -> ConsumerRunner:
+    """A fresh listener process's forwarder once it owns the lease (it loads the cursor)."""
+    runner = forwarder_runner()
+    await runner.prepare()  # a new consumer's cursor row, at the end of the log
+    assert await runner.acquire()
+    return runner
+
+
 @pytest.fixture
 async def all_group(settings: Any, registered: None) -> AsyncIterator[tuple[Any, str]]:
     """An in-memory layer (served on this loop) with a channel in the group of every event."""
@@ -354,20 +362,19 @@ async def received(layer: Any, channel: str) -> list[str]:
 async def test_a_restarted_forwarder_sends_what_it_missed_in_log_order(all_group: tuple[Any, str]) -> None:
     layer, channel = all_group
     await orm(lambda: log_events(3))  # history before the first start: not replayed
-    first = forwarder_runner()
-    await first.load()
+    first = await owned_forwarder()
     assert await first.catch_up() == 0
     assert await received(layer, channel) == []
+    await first.release()  # the listener stops
     # The listener is down while these commit; the next one resumes from the cursor.
     missed = await orm(lambda: log_events(5))
-    assert await forwarder_runner().load() is None
-    restarted = forwarder_runner()
-    await restarted.load()
+    restarted = await owned_forwarder()
     assert await restarted.catch_up() == 5
     assert await received(layer, channel) == [e.event_id for e in missed]
-    again = forwarder_runner()
-    await again.load()
+    await restarted.release()
+    again = await owned_forwarder()
     assert await again.catch_up() == 0  # the cursor was saved at the end of the replay
+    await again.release()
 
 
 @pytest.mark.django_db(transaction=True)
@@ -385,11 +392,10 @@ async def test_a_long_backlog_is_skipped_not_replayed(
 ) -> None:
     layer, channel = all_group
     settings.EVENTBUS = {**settings.EVENTBUS, **limits}
-    first = forwarder_runner()
-    await first.load()
+    first = await owned_forwarder()
+    await first.release()
     await orm(lambda: log_events(5, age=age))
-    restarted = forwarder_runner()
-    await restarted.load()
+    restarted = await owned_forwarder()
     with caplog.at_level(logging.WARNING, logger="django_eventbus"):
         assert await restarted.catch_up() == 0
     assert await received(layer, channel) == []

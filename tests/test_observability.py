@@ -36,6 +36,7 @@ def spans(monkeypatch: pytest.MonkeyPatch) -> Iterator[InMemorySpanExporter]:
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     monkeypatch.setattr(trace, "get_tracer", provider.get_tracer)
+    monkeypatch.setattr(trace, "get_tracer_provider", lambda: provider)
     yield exporter
     provider.shutdown()
 
@@ -193,3 +194,14 @@ def test_the_publish_span_follows_the_events_trace(spans: InMemorySpanExporter) 
     (span,) = [s for s in spans.get_finished_spans() if s.name == "publish obs:pub"]
     assert span.kind is trace.SpanKind.PRODUCER
     assert span.parent is not None and span.parent.span_id == request_span.get_span_context().span_id
+
+
+def test_without_a_configured_tracer_provider_nothing_is_traced_or_injected() -> None:
+    # The API alone (no SDK set up by the application): spans would be no-ops, so the
+    # event carries no context and the handle/publish paths do no tracing work.
+    from django_eventbus import tracing
+
+    assert isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
+    with trace.get_tracer("tests").start_as_current_span("request"):
+        assert make_event("obs:untraced").metadata == {}
+    assert tracing.inject({"a": 1}) == {"a": 1}
