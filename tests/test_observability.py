@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -205,3 +208,61 @@ def test_without_a_configured_tracer_provider_nothing_is_traced_or_injected() ->
     with trace.get_tracer("tests").start_as_current_span("request"):
         assert make_event("obs:untraced").metadata == {}
     assert tracing.inject({"a": 1}) == {"a": 1}
+
+
+def test_eventbus_listen_serves_prometheus_metrics(use_bus: Any) -> None:
+    import urllib.request
+
+    from tests.services import require_redis
+    from tests.websocket_support import Server, free_port, stack_env
+
+    bus = use_bus("redis")["BUS"]
+    port = free_port()
+    env = stack_env(bus_url=require_redis(), bus_prefix=bus["channel_prefix"])
+    listener = Server(
+        "metrics",
+        [
+            sys.executable,
+            "manage.py",
+            "eventbus_listen",
+            "--metrics-port",
+            str(port),
+            "--metrics-addr",
+            "127.0.0.1",
+        ],
+        env,
+    )
+    try:
+        listener.wait_for_output("listening on")
+        body = ""
+        deadline = time.monotonic() + 20
+        while "eventbus_bus_connected" not in body:
+            assert time.monotonic() < deadline, body[-500:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+                    body = response.read().decode()
+            except OSError:
+                time.sleep(0.05)
+        assert 'eventbus_bus_connected{backend="redis"} 1.0' in body
+        assert "eventbus_process_published_total" in body and "eventbus_publish_seconds" in body
+        # A port that is taken: one line, non-zero exit, no traceback.
+        busy = subprocess.run(
+            [
+                sys.executable,
+                "manage.py",
+                "eventbus_listen",
+                "--metrics-port",
+                str(port),
+                "--metrics-addr",
+                "127.0.0.1",
+            ],
+            cwd=Path(__file__).resolve().parent.parent,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert busy.returncode != 0 and "Traceback" not in busy.stderr
+        assert f"cannot serve metrics on 127.0.0.1:{port}" in busy.stderr
+    finally:
+        listener.stop()

@@ -57,6 +57,12 @@ class Command(EventbusCommand):
         parser.add_argument(
             "--shutdown-timeout", type=float, default=10.0, help="seconds to let handlers finish"
         )
+        parser.add_argument(
+            "--metrics-port",
+            type=int,
+            help="serve Prometheus metrics on this port (extra [prometheus]; docs/operations.md)",
+        )
+        parser.add_argument("--metrics-addr", default="0.0.0.0", help="address of --metrics-port")
 
     def handle(self, *args: Any, **options: Any) -> None:
         if conf.CAPTURE == "database":
@@ -92,7 +98,24 @@ class Command(EventbusCommand):
             if options["relay"]:
                 raise CommandError("--relay needs the event log (EVENTBUS['STORE_EVENTS'] is off)")
             relay = False
+        if options["metrics_port"] is not None:
+            self._serve_metrics(options["metrics_addr"], options["metrics_port"])
         asyncio.run(self._run(printers, consumers, start_after, options["shutdown_timeout"], relay))
+
+    def _serve_metrics(self, addr: str, port: int) -> None:
+        try:
+            from prometheus_client import start_http_server
+
+            import django_eventbus.metrics.prometheus  # noqa: F401  # registers the metrics
+        except ImportError:
+            raise CommandError(
+                '--metrics-port needs prometheus-client: pip install "django-eventbus[prometheus]"'
+            ) from None
+        try:
+            start_http_server(port, addr=addr)  # a daemon thread; it ends with the process
+        except OSError as exc:
+            raise CommandError(f"cannot serve metrics on {addr}:{port}: {exc.strerror or exc}") from None
+        self.stderr.write(f"metrics on http://{addr}:{port}/metrics")
 
     def _printer(self, as_json: bool) -> Any:
         out = sys.stdout
