@@ -45,7 +45,7 @@ class StoredEvent(models.Model):
             models.Index(fields=["timestamp"], name="eventbus_timestamp"),
             models.Index(fields=["correlation_id"], name="eventbus_correlation"),
             models.Index(fields=["source", "id"], name="eventbus_source_id"),
-            # The relay reads only these rows (those no writer published), so it stays small.
+            # Only the rows left to the relay (no writer published them): what the relay scans.
             models.Index(fields=["id"], name="eventbus_relay", condition=models.Q(relay=True)),
         ]
         constraints = [models.UniqueConstraint(fields=["event_id"], name="eventbus_event_id_unique")]
