@@ -219,19 +219,9 @@ def test_eventbus_listen_serves_prometheus_metrics(use_bus: Any) -> None:
     bus = use_bus("redis")["BUS"]
     port = free_port()
     env = stack_env(bus_url=require_redis(), bus_prefix=bus["channel_prefix"])
-    listener = Server(
-        "metrics",
-        [
-            sys.executable,
-            "manage.py",
-            "eventbus_listen",
-            "--metrics-port",
-            str(port),
-            "--metrics-addr",
-            "127.0.0.1",
-        ],
-        env,
-    )
+    command = [sys.executable, "manage.py", "eventbus_listen", "--metrics-port", str(port)]
+    command += ["--metrics-addr", "127.0.0.1"]
+    listener = Server("metrics", command, env)
     try:
         listener.wait_for_output("listening on")
         body = ""
@@ -247,15 +237,7 @@ def test_eventbus_listen_serves_prometheus_metrics(use_bus: Any) -> None:
         assert "eventbus_process_published_total" in body and "eventbus_publish_seconds" in body
         # A port that is taken: one line, non-zero exit, no traceback.
         busy = subprocess.run(
-            [
-                sys.executable,
-                "manage.py",
-                "eventbus_listen",
-                "--metrics-port",
-                str(port),
-                "--metrics-addr",
-                "127.0.0.1",
-            ],
+            command,
             cwd=Path(__file__).resolve().parent.parent,
             env=env,
             capture_output=True,
