@@ -30,6 +30,11 @@ def database_from_url(url: str) -> dict[str, Any]:
             "NAME": name,
             # DATABASE_TEST_NAME: another file, for test runs side by side in one checkout.
             "TEST": {"NAME": os.environ.get("DATABASE_TEST_NAME", str(BASE_DIR / "test-db.sqlite3"))},
+            # Several processes write this file (the web server, eventbus_listen's cursor and
+            # lease writes): a transaction that reads first and writes later would fail with
+            # "database is locked" instead of waiting. IMMEDIATE takes the write lock at BEGIN,
+            # where the busy timeout applies (Django >= 5.1; docs/deployment.md).
+            "OPTIONS": {"transaction_mode": "IMMEDIATE", "timeout": 20},
         }
     if parts.scheme in ("postgres", "postgresql"):
         return {
