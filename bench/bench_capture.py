@@ -67,7 +67,7 @@ def measure(mode: str, bus: Any, rows: int, bulk: int) -> dict[str, float]:
     from django.test.utils import override_settings
 
     from django_eventbus import capture_database
-    from django_eventbus.outbox import flush_pending
+    from django_eventbus.capture.outbox import flush_pending
     from testproject.inventory.models import Product
 
     with override_settings(EVENTBUS=eventbus_setting(mode, bus)):
@@ -114,7 +114,7 @@ def single_process(args: argparse.Namespace) -> None:
     setup_django()
     from django.core.management import call_command
 
-    from django_eventbus.runtime import reset_runner
+    from django_eventbus.delivery.runtime import reset_runner
 
     call_command("migrate", verbosity=0)
     bus: Any = {

@@ -96,9 +96,9 @@ def raw_catchup(n: int, batch: int = 5000) -> float:
 
 
 def our_catchup(n: int, **options: Any) -> float:
-    from django_eventbus.consumers import Consumer
+    from django_eventbus.delivery.consumers import Consumer
+    from django_eventbus.delivery.listener import Listener
     from django_eventbus.events import create_event_bus
-    from django_eventbus.listener import Listener
     from django_eventbus.models import ConsumerCursor
 
     ConsumerCursor.objects.all().delete()
@@ -188,8 +188,8 @@ def our_e2e_latency(bus: str, count: int, pace: float) -> tuple[list[float], lis
     from django.conf import settings
     from django.test.utils import override_settings
 
+    from django_eventbus.delivery.runtime import get_runner, reset_runner
     from django_eventbus.events.bus import parse_bus_url
-    from django_eventbus.runtime import get_runner, reset_runner
     from testproject.inventory.models import Product
 
     prefix = f"bench{os.getpid()}"

@@ -68,7 +68,7 @@ def main() -> None:
     from django.db import connection, transaction
     from django.test.utils import override_settings
 
-    from django_eventbus.runtime import get_runner, reset_runner
+    from django_eventbus.delivery.runtime import get_runner, reset_runner
     from testproject.inventory.models import Product
 
     call_command("migrate", verbosity=0)

@@ -34,9 +34,9 @@ def main() -> None:
     from django.test.utils import override_settings
 
     from django_eventbus import outbox, tracking
+    from django_eventbus.delivery.runtime import get_runner, reset_runner
     from django_eventbus.events import Event
     from django_eventbus.events.codec import dumps_event
-    from django_eventbus.runtime import get_runner, reset_runner
     from testproject.inventory.models import Product
 
     counter = [0]

@@ -70,8 +70,8 @@ def delete_prefix(prefix: str) -> None:
 
 
 async def our_relay(prefix: str) -> tuple[float, int]:
-    from django_eventbus.streams import StreamRelay, parse_target
-    from django_eventbus.streams.redis_streams import RedisStreamSink
+    from django_eventbus.delivery.streams import StreamRelay, parse_target
+    from django_eventbus.delivery.streams.redis_streams import RedisStreamSink
 
     target = parse_target(f"redis-streams{REDIS_URL[5:]}?partitions={PARTITIONS}&maxlen=0&prefix={prefix}")
     sink = RedisStreamSink(target)
@@ -90,9 +90,9 @@ async def our_relay(prefix: str) -> tuple[float, int]:
 async def raw_xadd(prefix: str, n: int, batch: int = 5000) -> float:
     import redis.asyncio as aioredis
 
+    from django_eventbus.delivery.streams import partition_of
     from django_eventbus.events.codec import dumps_event
     from django_eventbus.models import StoredEvent
-    from django_eventbus.streams import partition_of
 
     rows = await asyncio.to_thread(lambda: [e.to_event() for e in StoredEvent.objects.order_by("id")[:n]])
     encoded = [(f"{prefix}:{e.topic}:{partition_of(e, PARTITIONS)}", dumps_event(e)) for e in rows]
@@ -117,10 +117,10 @@ def _our_member(prefix: str, group: str, index: int, go: Any, done: Any, counter
     import django
 
     django.setup()
-    from django_eventbus.consumers import Consumer
-    from django_eventbus.streams import parse_target
-    from django_eventbus.streams.redis_consumer import StreamGroupConsumer
-    from django_eventbus.streams.redis_streams import redis_client
+    from django_eventbus.delivery.consumers import Consumer
+    from django_eventbus.delivery.streams import parse_target
+    from django_eventbus.delivery.streams.redis_consumer import StreamGroupConsumer
+    from django_eventbus.delivery.streams.redis_streams import redis_client
 
     target = parse_target(f"redis-streams{REDIS_URL[5:]}?partitions={PARTITIONS}&prefix={prefix}")
 
@@ -223,8 +223,8 @@ def stream_latency(prefix: str, saves: int, pace: float) -> list[float]:
     from django.conf import settings
     from django.test.utils import override_settings
 
+    from django_eventbus.delivery.runtime import reset_runner
     from django_eventbus.events.bus import parse_bus_url
-    from django_eventbus.runtime import reset_runner
     from testproject.inventory.models import Product
 
     with psycopg.connect(PG_DSN, autocommit=True) as conn:  # the relay would send the whole log first

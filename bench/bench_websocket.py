@@ -440,7 +440,7 @@ def main() -> None:
         from django.db import connections
 
         connections.close_all()
-        from django_eventbus.runtime import reset_runner
+        from django_eventbus.delivery.runtime import reset_runner
 
         reset_runner()
         drop()

@@ -11,16 +11,16 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "publish": "django_eventbus.publishing",
-    "apublish": "django_eventbus.publishing",
-    "make_event": "django_eventbus.publishing",
-    "track": "django_eventbus.tracking",
-    "emit_model_events": "django_eventbus.tracking",
-    "get_bus": "django_eventbus.runtime",
-    "aget_bus": "django_eventbus.runtime",
-    "correlation": "django_eventbus.context",
-    "consumer": "django_eventbus.consumers",
-    "celery_route": "django_eventbus.consumers",
+    "publish": "django_eventbus.capture.publishing",
+    "apublish": "django_eventbus.capture.publishing",
+    "make_event": "django_eventbus.capture.publishing",
+    "track": "django_eventbus.capture.tracking",
+    "emit_model_events": "django_eventbus.capture.tracking",
+    "get_bus": "django_eventbus.delivery.runtime",
+    "aget_bus": "django_eventbus.delivery.runtime",
+    "correlation": "django_eventbus.capture.context",
+    "consumer": "django_eventbus.delivery.consumers",
+    "celery_route": "django_eventbus.delivery.consumers",
     "Event": "django_eventbus.events",
     "EventType": "django_eventbus.events",
 }
@@ -41,12 +41,12 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from .consumers import celery_route, consumer
-    from .context import correlation
+    from .capture.context import correlation
+    from .capture.publishing import apublish, make_event, publish
+    from .capture.tracking import emit_model_events, track
+    from .delivery.consumers import celery_route, consumer
+    from .delivery.runtime import aget_bus, get_bus
     from .events import Event, EventType
-    from .publishing import apublish, make_event, publish
-    from .runtime import aget_bus, get_bus
-    from .tracking import emit_model_events, track
 
 
 def __getattr__(name: str) -> Any:

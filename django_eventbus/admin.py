@@ -354,7 +354,7 @@ class StoredEventAdmin(StoredEventAdminBase):
         """
         if request.POST.get("post") != "yes":
             return self.republish_confirmation(request, queryset)
-        from .runtime import get_runner
+        from .delivery.runtime import get_runner
 
         runner = get_runner()
         sent = 0

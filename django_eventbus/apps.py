@@ -18,8 +18,8 @@ class EventBusConfig(AppConfig):
         from django.utils.module_loading import autodiscover_modules
 
         from . import checks  # noqa: F401
-        from .consumers import register_celery_routes
-        from .tracking import connect_signals
+        from .capture.tracking import connect_signals
+        from .delivery.consumers import register_celery_routes
 
         connect_signals()
         register_celery_routes()
@@ -27,13 +27,13 @@ class EventBusConfig(AppConfig):
         from .channels import setup as setup_channels
 
         setup_channels()
-        setting_changed.connect(_on_setting_changed, dispatch_uid="django_eventbus.tracking")
+        setting_changed.connect(_on_setting_changed, dispatch_uid="django_eventbus.capture.tracking")
         # Database capture: triggers kept current by every migrate, context handed to them.
         from django.db.backends.signals import connection_created
         from django.db.models.signals import post_migrate
 
-        from .capture_database import on_post_migrate
-        from .database_context import install_on_connection
+        from .capture.trigger_context import install_on_connection
+        from .capture.triggers import on_post_migrate
 
         post_migrate.connect(on_post_migrate, sender=self, dispatch_uid="django_eventbus.capture")
         connection_created.connect(install_on_connection, dispatch_uid="django_eventbus.capture")
@@ -47,8 +47,8 @@ class EventBusConfig(AppConfig):
 
 def _on_setting_changed(setting: str, **kwargs: Any) -> None:
     if setting == "EVENTBUS":
-        from .consumers import register_celery_routes
-        from .tracking import connect_signals
+        from .capture.tracking import connect_signals
+        from .delivery.consumers import register_celery_routes
 
         connect_signals()
         register_celery_routes()

@@ -101,7 +101,7 @@ def _check_models() -> list[CheckMessage]:
                 id="django_eventbus.E006",
             )
         ]
-    from .tracking import EVENT_NAMES, configured_models
+    from .capture.tracking import EVENT_NAMES, configured_models
 
     for label, options in configured_models().items():
         try:
@@ -182,7 +182,7 @@ def _check_streams() -> list[CheckMessage]:
     url = conf.get("STREAMS")
     problem = None
     if url is not None:
-        from .streams import parse_target
+        from .delivery.streams import parse_target
 
         try:
             parse_target(str(url))
@@ -231,8 +231,8 @@ def _check_capture() -> list[CheckMessage]:
                 id="django_eventbus.E013",
             )
         ]
-    from .capture_database import capturable_problem
-    from .tracking import tracked_models
+    from .capture.tracking import tracked_models
+    from .capture.triggers import capturable_problem
 
     messages: list[CheckMessage] = [
         Error(
@@ -264,7 +264,7 @@ def check_capture_triggers(
 
     if alias not in connections.settings or connections[alias].vendor != "postgresql":
         return []  # E013, when database capture is asked for
-    from .capture_database import LOG_TABLE, problems
+    from .capture.triggers import LOG_TABLE, problems
 
     if LOG_TABLE not in connections[alias].introspection.table_names():
         return []  # not migrated yet: migrate installs the triggers
@@ -340,7 +340,7 @@ def _check_channel_layer() -> list[CheckMessage]:
 def _check_durable_without_log() -> list[CheckMessage]:
     if conf.STORE_EVENTS:
         return []
-    from .consumers import get_consumers
+    from .delivery.consumers import get_consumers
 
     durable = sorted(c.name for c in get_consumers() if c.durable)
     if not durable:

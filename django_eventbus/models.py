@@ -87,14 +87,14 @@ class ConsumerCursor(models.Model):
     Every log row with ``id <= position`` was handled (or did not match). Events
     handled above it (live, before catch-up reached them) are in ``handled``, so
     a restart never handles them twice. The lease fields say which listener
-    process owns the consumer (one at a time; see :mod:`django_eventbus.leases`).
+    process owns the consumer (one at a time; see :mod:`django_eventbus.delivery.leases`).
     """
 
     name = models.CharField(max_length=255, primary_key=True)
     position = models.BigIntegerField(default=0)
     handled = models.JSONField(default=list, blank=True)
     updated_at = models.DateTimeField(auto_now=True)
-    # The lease (django_eventbus.leases): which listener process runs this consumer.
+    # The lease (django_eventbus.delivery.leases): which listener process runs this consumer.
     #: "host:pid:random" of the owning listener; "" when nobody holds the lease.
     owner = models.CharField(max_length=255, blank=True, default="", db_default="")
     #: +1 per acquisition; every cursor write names it, so a former owner's write fails.

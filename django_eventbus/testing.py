@@ -21,9 +21,9 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+from .capture.outbox import flush_pending
+from .delivery.runtime import get_bus
 from .events import Event
-from .outbox import flush_pending
-from .runtime import get_bus
 
 __all__ = ["CapturedEvents", "capture_events", "captured_events"]
 

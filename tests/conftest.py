@@ -41,7 +41,7 @@ def use_bus(settings: Any) -> Iterator[Any]:
         return settings.EVENTBUS
 
     yield switch
-    from django_eventbus.runtime import reset_runner
+    from django_eventbus.delivery.runtime import reset_runner
 
     reset_runner()
 
@@ -50,6 +50,6 @@ def use_bus(settings: Any) -> Iterator[Any]:
 def _close_bus_at_session_end() -> Iterator[None]:
     # The process bus holds connections and a thread: close them before the interpreter exits.
     yield
-    from django_eventbus.runtime import reset_runner
+    from django_eventbus.delivery.runtime import reset_runner
 
     reset_runner()

@@ -438,10 +438,10 @@ def test_republish_failure_is_reported(
 
 @pytest.mark.django_db(transaction=True)
 def test_durable_consumer_skips_a_republished_event_it_handled() -> None:
-    from django_eventbus.consumers import Consumer
+    from django_eventbus.delivery.consumers import Consumer
+    from django_eventbus.delivery.listener import Listener
+    from django_eventbus.delivery.runtime import get_runner
     from django_eventbus.events import Event
-    from django_eventbus.listener import Listener
-    from django_eventbus.runtime import get_runner
 
     old = make_row(topic="audit:thing", payload={"mark": "old"})
     ConsumerCursor.objects.create(name="audit.durable", position=old.pk)  # handled before a restart

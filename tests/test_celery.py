@@ -16,9 +16,9 @@ import pytest
 import redis
 
 from django_eventbus.conf import conf
-from django_eventbus.consumers import celery_route, get_consumers, register_celery_routes, unregister
+from django_eventbus.delivery.consumers import celery_route, get_consumers, register_celery_routes, unregister
+from django_eventbus.delivery.listener import Listener
 from django_eventbus.events import create_event_bus
-from django_eventbus.listener import Listener
 from django_eventbus.models import StoredEvent
 from testproject.inventory.models import Product
 from tests.orm import orm

@@ -26,9 +26,9 @@ from django.db import connections
 from django_eventbus.channels import CONSUMER_NAME, MESSAGE_TYPE, enabled, setup
 from django_eventbus.channels.forwarding import forward, note_server_loop, skip_backlog
 from django_eventbus.channels.groups import ALL_GROUP, group_name, subscription_group
-from django_eventbus.consumers import get_consumers, unregister
+from django_eventbus.delivery.consumers import get_consumers, unregister
+from django_eventbus.delivery.listener import ConsumerRunner
 from django_eventbus.events import Event, EventType
-from django_eventbus.listener import ConsumerRunner
 from django_eventbus.models import ConsumerCursor, StoredEvent
 from tests.orm import orm
 from tests.services import require_redis
@@ -246,7 +246,7 @@ async def test_redis_layers_take_events_from_another_loop(settings: Any, kind: s
 @pytest.fixture
 async def memory_mode(settings: Any, use_bus: Any) -> AsyncIterator[None]:
     """The demo's configuration: memory bus, in-memory layer, consumers on the runner thread."""
-    from django_eventbus.runtime import reset_runner
+    from django_eventbus.delivery.runtime import reset_runner
 
     settings.CHANNEL_LAYERS = IN_MEMORY
     use_bus("memory")
@@ -289,7 +289,7 @@ async def test_reset_runner_from_djangos_sync_thread_does_not_deadlock(memory_mo
     """The runner's consumers use their own database thread, not the caller's (asgiref's) one."""
     from asgiref.sync import sync_to_async
 
-    from django_eventbus.runtime import get_runner, reset_runner
+    from django_eventbus.delivery.runtime import get_runner, reset_runner
     from testproject.inventory.models import Product
 
     await sync_to_async(Product.objects.create)(name="Lamp", stock=1)  # consumers ran on the runner
@@ -306,7 +306,7 @@ def log_events(count: int, age: float = 0.0) -> list[Event]:
     """``count`` events written to the log (stamped ``age`` seconds ago), as a writer commits them."""
     from django.db import connection, transaction
 
-    from django_eventbus.store import record
+    from django_eventbus.capture.store import record
 
     stamp = datetime.now(timezone.utc) - timedelta(seconds=age)
     events = [

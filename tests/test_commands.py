@@ -17,7 +17,7 @@ from django.test import override_settings
 from django.test.utils import CaptureQueriesContext
 
 from django_eventbus.checks import check_deploy
-from django_eventbus.consumers import Consumer, register, unregister
+from django_eventbus.delivery.consumers import Consumer, register, unregister
 from django_eventbus.management.commands.eventbus_prune import delete_in_batches, parse_duration
 from django_eventbus.management.commands.eventbus_status import mask_secret
 from django_eventbus.models import ConsumerCursor, DeadLetter, StoredEvent
@@ -414,7 +414,7 @@ def test_status_counters_come_from_this_process(transactional_db: None) -> None:
 @pytest.mark.django_db
 @pytest.mark.redis
 def test_status_reports_a_bus_that_does_not_connect() -> None:
-    from django_eventbus.runtime import reset_runner
+    from django_eventbus.delivery.runtime import reset_runner
 
     with override_settings(EVENTBUS={"BUS": "redis://:s3cret@127.0.0.1:1/0"}):
         try:

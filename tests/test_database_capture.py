@@ -26,11 +26,11 @@ from django.test import Client
 
 import django_eventbus
 from django_eventbus import capture_database
+from django_eventbus.capture.payloads import instance_payload
+from django_eventbus.capture.tracking import tracking_for
 from django_eventbus.checks import check_capture_triggers, check_settings
 from django_eventbus.conf import conf, django_database_conninfo
 from django_eventbus.models import StoredEvent
-from django_eventbus.payloads import instance_payload
-from django_eventbus.tracking import tracking_for
 from testproject.inventory.models import Color, Order, Product, Shipment
 
 pytestmark = [pytest.mark.pgdjango, pytest.mark.django_db(transaction=True)]
@@ -461,10 +461,10 @@ def test_captured_writes_reach_a_durable_consumer_through_the_relay(kind: str, s
     after-commit NOTIFY of an ORM write, or (for the outside client) by that client's own
     NOTIFY, as docs/models.md tells such writers to do.
     """
-    from django_eventbus.consumers import Consumer
+    from django_eventbus.delivery.consumers import Consumer
+    from django_eventbus.delivery.listener import Listener
+    from django_eventbus.delivery.relay import WAKE_CHANNEL, Relay
     from django_eventbus.events import create_event_bus
-    from django_eventbus.listener import Listener
-    from django_eventbus.relay import WAKE_CHANNEL, Relay
     from tests.conftest import bus_setting
 
     settings.EVENTBUS = {**settings.EVENTBUS, "BUS": bus_setting(kind), "RELAY_INTERVAL": 60.0}

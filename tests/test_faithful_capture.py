@@ -24,12 +24,12 @@ from django.db.models.signals import post_delete, post_save
 from django.test.utils import override_settings
 
 import django_eventbus
+from django_eventbus.capture.payloads import instance_payload
+from django_eventbus.capture.publishing import make_event
+from django_eventbus.capture.tracking import tracking_for
 from django_eventbus.checks import check_settings
 from django_eventbus.models import StoredEvent
-from django_eventbus.payloads import instance_payload
-from django_eventbus.publishing import make_event
 from django_eventbus.testing import CapturedEvents
-from django_eventbus.tracking import tracking_for
 from testproject.inventory.models import Product, Shipment, Tag
 
 pytestmark = pytest.mark.django_db(transaction=True)

@@ -23,9 +23,9 @@ from django.db.models import F
 from django.utils import timezone
 
 from django_eventbus import leases
-from django_eventbus.consumers import Consumer, register, unregister
+from django_eventbus.delivery.consumers import Consumer, register, unregister
+from django_eventbus.delivery.listener import Listener
 from django_eventbus.events import Event, create_event_bus
-from django_eventbus.listener import Listener
 from django_eventbus.models import ConsumerCursor, StoredEvent
 from testproject.inventory.models import Tag
 from tests import test_listener, test_redis_backend

@@ -24,9 +24,9 @@ from django.db import connection, connections
 
 import django_eventbus
 from django_eventbus.conf import conf
-from django_eventbus.consumers import Consumer, get_consumers, register, unregister
+from django_eventbus.delivery.consumers import Consumer, get_consumers, register, unregister
+from django_eventbus.delivery.listener import Listener
 from django_eventbus.events import Event, EventType, create_event_bus
-from django_eventbus.listener import Listener
 from django_eventbus.models import ConsumerCursor, DeadLetter, StoredEvent
 from testproject.inventory.models import Product
 from tests.orm import orm
@@ -74,8 +74,8 @@ def bus_kind(request: pytest.FixtureRequest, settings: Any) -> Iterator[str]:
     """Point this process's Django layer at a real bus (postgres on Django's DB, or redis)."""
     kind: str = request.param
     prefix = f"l{uuid.uuid4().hex[:10]}"
+    from django_eventbus.delivery.runtime import reset_runner
     from django_eventbus.events.bus import parse_bus_url
-    from django_eventbus.runtime import reset_runner
 
     if kind == "postgres" and connection.vendor != "postgresql":
         pytest.skip("the postgres bus on Django's database needs DATABASE_URL=postgres://…")
@@ -386,7 +386,7 @@ def test_listen_command_prints_replays_and_stops_cleanly(shared_database: str, s
         wait_until(lambda: len(lines) >= 1, what="replayed event")
         time.sleep(1.0)  # the listener is subscribed by now
         save_products(["live"])
-        from django_eventbus.runtime import get_runner
+        from django_eventbus.delivery.runtime import get_runner
 
         get_runner().flush()
         wait_until(lambda: len(lines) >= 2, what="live event")
@@ -433,7 +433,7 @@ def test_consumer_modules_are_autodiscovered() -> None:
 
 
 def test_memory_bus_runs_consumers_in_the_web_process(settings: Any) -> None:
-    from django_eventbus.runtime import reset_runner
+    from django_eventbus.delivery.runtime import reset_runner
 
     got: list[str] = []
     register(Consumer(name="t.memory", pattern="inventory:product", func=lambda e: got.append(e.topic)))

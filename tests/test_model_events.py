@@ -17,10 +17,10 @@ from django.db import IntegrityError, connection, transaction
 from django.test import Client
 
 import django_eventbus
+from django_eventbus.capture.outbox import flush_pending
+from django_eventbus.capture.publishing import make_event, publish
 from django_eventbus.events import Event, EventSerializationError, EventType
 from django_eventbus.models import StoredEvent
-from django_eventbus.outbox import flush_pending
-from django_eventbus.publishing import make_event, publish
 from django_eventbus.testing import CapturedEvents, capture_events
 from testproject.inventory.models import Color, Order, Product, Shipment
 
@@ -443,7 +443,7 @@ def test_redis_publish_falls_back_to_the_bus_loop_when_the_direct_path_fails(
 ) -> None:
     import redis.exceptions
 
-    from django_eventbus.runtime import get_runner
+    from django_eventbus.delivery.runtime import get_runner
 
     use_bus("redis")
     runner = get_runner()

@@ -20,12 +20,12 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from prometheus_client import REGISTRY
 
 from django_eventbus import signals
-from django_eventbus.consumers import Consumer
+from django_eventbus.capture.publishing import make_event, publish
+from django_eventbus.delivery.consumers import Consumer
+from django_eventbus.delivery.listener import Listener
 from django_eventbus.events import Event, EventType, create_event_bus
-from django_eventbus.listener import Listener
 from django_eventbus.metrics.prometheus import metrics_view
 from django_eventbus.models import ConsumerCursor, StoredEvent
-from django_eventbus.publishing import make_event, publish
 from tests.orm import orm
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -140,7 +140,7 @@ async def test_a_receiver_that_raises_breaks_nothing(received: dict[str, list[di
 
 
 def test_published_events_are_signalled_and_counted(received: dict[str, list[dict[str, Any]]]) -> None:
-    from django_eventbus.outbox import flush_pending
+    from django_eventbus.capture.outbox import flush_pending
 
     topic = f"obs:{uuid.uuid4().hex[:8]}"
     before = sample("eventbus_published_total", topic=topic) or 0
@@ -188,7 +188,7 @@ async def test_a_consumers_span_is_a_child_of_the_request_that_made_the_event(
 
 
 def test_the_publish_span_follows_the_events_trace(spans: InMemorySpanExporter) -> None:
-    from django_eventbus.outbox import flush_pending
+    from django_eventbus.capture.outbox import flush_pending
 
     tracer = trace.get_tracer("tests")
     with tracer.start_as_current_span("POST /orders") as request_span:

@@ -16,15 +16,15 @@ from typing import Any
 import pytest
 from django.db import connection, transaction
 
+from django_eventbus.capture.outbox import emit, on_commit_state
+from django_eventbus.capture.publishing import make_event
 from django_eventbus.conf import conf
-from django_eventbus.consumers import Consumer
+from django_eventbus.delivery.consumers import Consumer
+from django_eventbus.delivery.listener import Listener
+from django_eventbus.delivery.relay import Relay, is_wake_callback
 from django_eventbus.events import Event, create_event_bus
 from django_eventbus.events.base import BaseEventBus
-from django_eventbus.listener import Listener
 from django_eventbus.models import StoredEvent
-from django_eventbus.outbox import emit, on_commit_state
-from django_eventbus.publishing import make_event
-from django_eventbus.relay import Relay, is_wake_callback
 from django_eventbus.testing import capture_events
 from testproject.inventory.models import Product
 from tests.orm import orm
@@ -81,7 +81,7 @@ def test_one_callback_per_savepoint_level_not_per_event() -> None:
 
 def test_without_the_adapter_each_emit_gets_its_own_callback(monkeypatch: pytest.MonkeyPatch) -> None:
     # A Django without the attributes the adapter reads: the public API alone still works.
-    monkeypatch.setattr("django_eventbus.outbox.on_commit_state", lambda connection: None)
+    monkeypatch.setattr("django_eventbus.capture.outbox.on_commit_state", lambda connection: None)
     with capture_events("inventory:*") as events:
         with transaction.atomic():
             Product.objects.create(name="kept")

@@ -213,10 +213,10 @@ async def test_listener_catches_up_from_the_log_after_a_failover(
     topology: tuple[RedisServer, RedisServer, SentinelServer], settings: Any
 ) -> None:
     """Model saves go on during the failover: the listener handles every one, once."""
-    from django_eventbus.consumers import Consumer
-    from django_eventbus.listener import Listener
+    from django_eventbus.delivery.consumers import Consumer
+    from django_eventbus.delivery.listener import Listener
+    from django_eventbus.delivery.runtime import reset_runner
     from django_eventbus.models import StoredEvent
-    from django_eventbus.runtime import reset_runner
     from tests.orm import orm
     from tests.test_listener import save_products
 

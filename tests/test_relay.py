@@ -17,12 +17,12 @@ import psycopg
 import pytest
 from django.db import connection, transaction
 
+from django_eventbus.capture.publishing import make_event, publish
 from django_eventbus.conf import django_database_conninfo
+from django_eventbus.delivery.relay import WAKE_CHANNEL, Relay, wake_relay
 from django_eventbus.events import Event, create_event_bus
 from django_eventbus.events.base import BaseEventBus
 from django_eventbus.models import StoredEvent
-from django_eventbus.publishing import make_event, publish
-from django_eventbus.relay import WAKE_CHANNEL, Relay, wake_relay
 from tests.conftest import bus_setting
 from tests.orm import orm
 from tests.test_listener import await_until, bus_env, start_listener

@@ -195,8 +195,8 @@ async def test_an_excluded_value_reaches_no_outlet(
     from django.db import connection
 
     from django_eventbus import capture_database
+    from django_eventbus.delivery.relay import Relay
     from django_eventbus.events import create_event_bus
-    from django_eventbus.relay import Relay
 
     bus = use_bus("redis")["BUS"]
     relay: Relay | None = None
@@ -225,8 +225,8 @@ async def _follow_the_secret(bus: dict[str, Any]) -> None:
     from django.test import Client
     from django.urls import reverse
 
+    from django_eventbus.delivery.runtime import get_runner
     from django_eventbus.models import StoredEvent
-    from django_eventbus.runtime import get_runner
     from testproject.inventory.models import Product, Shipment
     from tests.websocket_support import Server, make_user, stack_env, with_user
 

@@ -23,14 +23,14 @@ import pytest
 import redis
 from django.db import connection, transaction
 
-from django_eventbus.consumers import Consumer
+from django_eventbus.delivery.consumers import Consumer
+from django_eventbus.delivery.listener import _save_cursor
+from django_eventbus.delivery.streams import StreamRelay, StreamTarget, parse_target, partition_of
+from django_eventbus.delivery.streams.redis_consumer import StreamGroupConsumer
+from django_eventbus.delivery.streams.redis_streams import RedisStreamSink, redis_client
 from django_eventbus.events import Event
 from django_eventbus.events.codec import loads_event
-from django_eventbus.listener import _save_cursor
 from django_eventbus.models import StoredEvent
-from django_eventbus.streams import StreamRelay, StreamTarget, parse_target, partition_of
-from django_eventbus.streams.redis_consumer import StreamGroupConsumer
-from django_eventbus.streams.redis_streams import RedisStreamSink, redis_client
 from testproject.inventory.models import Product
 from tests.orm import orm
 from tests.services import redis_url, require_redis

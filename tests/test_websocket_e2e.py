@@ -113,7 +113,7 @@ def test_the_app_registers_the_forwarder_at_startup() -> None:
     """``apps.ready()`` wires Channels forwarding when a layer is configured (as eventbus_listen sees it)."""
     code = (
         "import django; django.setup()\n"
-        "from django_eventbus.consumers import get_consumers\n"
+        "from django_eventbus.delivery.consumers import get_consumers\n"
         "print(sorted(c.name for c in get_consumers()))\n"
     )
     env = stack_env(bus_url="redis://127.0.0.1:6379/0", layer_url="redis://127.0.0.1:6379/0")

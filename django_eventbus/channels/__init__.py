@@ -92,7 +92,7 @@ def setup() -> None:
     from django.core.signals import setting_changed
 
     from django_eventbus.conf import conf
-    from django_eventbus.consumers import Consumer, register, unregister
+    from django_eventbus.delivery.consumers import Consumer, register, unregister
 
     from .checks import check_channels
     from .revocation import connect_receivers

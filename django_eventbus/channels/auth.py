@@ -38,7 +38,7 @@ EVENT_LOG_VIEW_PERMISSION = "django_eventbus.view_storedevent"
 
 def model_topics() -> dict[str, list[type[models.Model]]]:
     """Topic -> the tracked models that publish on it."""
-    from django_eventbus.tracking import tracked_models
+    from django_eventbus.capture.tracking import tracked_models
 
     found: dict[str, list[type[models.Model]]] = {}
     for tracking in tracked_models():

@@ -345,7 +345,7 @@ class RedisEventBus(BaseEventBus):
     async def _connect(self) -> None:
         if self.sentinels is not None:
             # No I/O here: the sentinels are asked when a connection connects.
-            self._sentinel = Sentinel(self.sentinels, sentinel_kwargs=self.sentinel_kwargs)  # type: ignore[no-untyped-call]
+            self._sentinel = Sentinel(self.sentinels, sentinel_kwargs=self.sentinel_kwargs)  # type: ignore[no-untyped-call, unused-ignore]
             self._sentinel_pool = SentinelConnectionPool(self.service_name, self._sentinel)  # type: ignore[no-untyped-call]
         self._publisher = _Publisher(self._new_connection, self.max_connections)
         try:
@@ -403,7 +403,7 @@ class RedisEventBus(BaseEventBus):
         sync_class: Callable[..., redis.connection.AbstractConnection]
         if self.sentinels is not None:
             # redis-py's blocking twins: each new connection asks the sentinels for the master.
-            sentinel = redis.sentinel.Sentinel(self.sentinels, sentinel_kwargs=self.sentinel_kwargs)  # type: ignore[no-untyped-call]
+            sentinel = redis.sentinel.Sentinel(self.sentinels, sentinel_kwargs=self.sentinel_kwargs)  # type: ignore[no-untyped-call, unused-ignore]
             pool = redis.sentinel.SentinelConnectionPool(self.service_name, sentinel)  # type: ignore[no-untyped-call]
             sync_class = functools.partial(redis.sentinel.SentinelManagedConnection, connection_pool=pool)
         else:

@@ -8,7 +8,7 @@ from typing import Any
 
 from django.db import models
 
-from django_eventbus.querysets import EventBusManager
+from django_eventbus.capture.querysets import EventBusManager
 
 
 class Tag(models.Model):

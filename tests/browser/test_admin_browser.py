@@ -211,7 +211,7 @@ def daphne_url(transactional_db: None) -> Iterator[str]:
 
 def test_follow_live(page: Page, daphne_url: str, admin_user: User, log: list[StoredEvent]) -> None:
     from django_eventbus.channels import CONSUMER_NAME
-    from django_eventbus.consumers import get_consumers
+    from django_eventbus.delivery.consumers import get_consumers
 
     if CONSUMER_NAME not in {c.name for c in get_consumers()}:
         pytest.skip(

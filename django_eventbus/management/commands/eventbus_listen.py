@@ -12,14 +12,14 @@ from asgiref.sync import sync_to_async
 from django.core.management.base import CommandError, CommandParser
 
 from django_eventbus.conf import conf
-from django_eventbus.consumers import Consumer, get_consumers
+from django_eventbus.delivery.consumers import Consumer, get_consumers
+from django_eventbus.delivery.listener import Listener, position_for_since
+from django_eventbus.delivery.relay import Relay
 from django_eventbus.events import Event, create_event_bus
 from django_eventbus.events.base import BaseEventBus
 from django_eventbus.events.codec import dumps
-from django_eventbus.listener import Listener, position_for_since
 from django_eventbus.management.base import EventbusCommand
 from django_eventbus.metrics import register_bus
-from django_eventbus.relay import Relay
 
 
 def format_line(event: Event, width: int = 100) -> str:

@@ -8,13 +8,13 @@ from typing import Any
 from django.core.management.base import CommandError, CommandParser
 from django.db import transaction
 
+from django_eventbus.capture.outbox import flush_pending
+from django_eventbus.capture.publishing import make_event, publish
 from django_eventbus.conf import conf
 from django_eventbus.events import EventType
 from django_eventbus.events.codec import loads
 from django_eventbus.events.errors import EventSerializationError
 from django_eventbus.management.base import EventbusCommand
-from django_eventbus.outbox import flush_pending
-from django_eventbus.publishing import make_event, publish
 
 
 class Command(EventbusCommand):

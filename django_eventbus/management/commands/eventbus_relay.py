@@ -10,11 +10,11 @@ from asgiref.sync import sync_to_async
 from django.core.management.base import CommandError, CommandParser
 
 from django_eventbus.conf import conf
+from django_eventbus.delivery.streams import StreamRelay, StreamTarget, parse_target
+from django_eventbus.delivery.streams.redis_streams import RedisStreamSink
 from django_eventbus.events import Event, create_event_bus
 from django_eventbus.events.base import BaseEventBus
 from django_eventbus.management.base import EventbusCommand
-from django_eventbus.streams import StreamRelay, StreamTarget, parse_target
-from django_eventbus.streams.redis_streams import RedisStreamSink
 
 
 def stream_target(url: str | None) -> StreamTarget:

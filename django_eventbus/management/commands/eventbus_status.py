@@ -11,7 +11,7 @@ from django.db import connections
 from django.utils import timezone
 
 from django_eventbus.conf import conf
-from django_eventbus.consumers import get_consumers
+from django_eventbus.delivery.consumers import get_consumers
 from django_eventbus.events.base import BaseEventBus
 from django_eventbus.events.bus import mask_secret
 from django_eventbus.management.base import EventbusCommand
@@ -66,7 +66,7 @@ def bus_status(timeout: float) -> dict[str, Any]:
         "connected": False,
         "error": None,
     }
-    from django_eventbus.runtime import get_runner
+    from django_eventbus.delivery.runtime import get_runner
 
     try:
         get_runner().call(_ping, timeout=timeout)

@@ -9,12 +9,12 @@ from typing import Any
 from django.core.management.base import CommandError, CommandParser
 
 from django_eventbus.conf import conf
-from django_eventbus.consumers import get_consumers
+from django_eventbus.delivery.consumers import get_consumers
+from django_eventbus.delivery.streams import StreamTarget
+from django_eventbus.delivery.streams.redis_consumer import StreamGroupConsumer, default_member_name
+from django_eventbus.delivery.streams.redis_streams import redis_client
 from django_eventbus.management.base import EventbusCommand
 from django_eventbus.management.commands.eventbus_relay import stream_target
-from django_eventbus.streams import StreamTarget
-from django_eventbus.streams.redis_consumer import StreamGroupConsumer, default_member_name
-from django_eventbus.streams.redis_streams import redis_client
 
 
 class Command(EventbusCommand):

@@ -11,7 +11,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import DatabaseError, connections
 
-from django_eventbus.capture_database import install, problems, uninstall
+from django_eventbus.capture.triggers import install, problems, uninstall
 from django_eventbus.conf import conf
 
 ACTIONS = ("install", "uninstall", "check")

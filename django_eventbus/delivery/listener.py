@@ -18,7 +18,7 @@ until the row after the gap is ``GAP_TIMEOUT`` seconds old (rolled-back
 transactions leave permanent gaps).
 
 Each durable consumer is run by one listener process at a time, the holder of its
-lease (:mod:`django_eventbus.leases`); other listeners stand by, ignore its live
+lease (:mod:`django_eventbus.delivery.leases`); other listeners stand by, ignore its live
 events and take over when the lease is released or expires, resuming from the
 saved cursor. Every cursor write is fenced by the lease's generation: a write that
 matches no row means the lease was lost, and the runner stops handling at once.
@@ -45,14 +45,16 @@ from typing import Any, TypeVar
 from asgiref.sync import sync_to_async
 from django.db import connections, transaction
 
-from . import leases, signals, tracing
-from .conf import conf
+from django_eventbus import signals, tracing
+from django_eventbus.conf import conf
+from django_eventbus.events.backoff import backoff_delays
+from django_eventbus.events.base import BaseEventBus
+from django_eventbus.events.dispatch import call_handler
+from django_eventbus.events.types import Event, EventType, Subscription
+from django_eventbus.models import ConsumerCursor, DeadLetter, StoredEvent
+
+from . import leases
 from .consumers import Consumer
-from .events.backoff import backoff_delays
-from .events.base import BaseEventBus
-from .events.dispatch import call_handler
-from .events.types import Event, EventType, Subscription
-from .models import ConsumerCursor, DeadLetter, StoredEvent
 
 __all__ = ["ConsumerRunner", "LeaseLost", "Listener", "event_from_row", "gap_deadline", "gap_may_fill"]
 

@@ -24,7 +24,7 @@ Bounded memory: a transaction keeps at most ``PUBLISH_BUFFER`` events for
 after-commit publishing. Events emitted beyond it are inserted with
 ``relay = true`` and not kept; after commit (once the buffered events reached
 the transport, so order holds) the writer wakes the relay
-(:mod:`django_eventbus.relay`), which publishes them from the log. With
+(:mod:`django_eventbus.delivery.relay`), which publishes them from the log. With
 ``STORE_EVENTS`` off there is no log to relay from, so everything is buffered.
 
 Outside a transaction (autocommit) Django has already committed the change when
@@ -41,10 +41,11 @@ from typing import Any
 from django.db import connections, transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
 
-from .conf import conf
-from .events import Event
-from .relay import is_wake_callback, wake_after_commit
-from .runtime import get_runner
+from django_eventbus.conf import conf
+from django_eventbus.delivery.relay import is_wake_callback, wake_after_commit
+from django_eventbus.delivery.runtime import get_runner
+from django_eventbus.events import Event
+
 from .store import record
 
 __all__ = ["emit", "flush_pending", "on_commit_state"]

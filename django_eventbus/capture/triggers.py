@@ -30,7 +30,7 @@ default writes them into the model's app's migrations. What we need of it is
 small — a definition hash kept in ``COMMENT ON FUNCTION`` (pgtrigger keeps its
 hash in the trigger's comment the same way), install on ``post_migrate``, an
 install/uninstall/check command — and lives here. django-pghistory's context
-passing is followed in :mod:`django_eventbus.database_context`.
+passing is followed in :mod:`django_eventbus.capture.trigger_context`.
 
 The SQL is built from model metadata and settings only (table, column, topic,
 label), every identifier and literal quoted by :func:`ident` / :func:`literal`.
@@ -48,8 +48,9 @@ from typing import Any
 from django.conf import settings
 from django.db import connections, models, transaction
 
-from .conf import conf
-from .events import EventType
+from django_eventbus.conf import conf
+from django_eventbus.events import EventType
+
 from .tracking import ModelTracking, tracked_models
 
 __all__ = [

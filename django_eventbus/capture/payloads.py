@@ -28,8 +28,8 @@ from django.db import models
 from django.db.backends.utils import format_number
 from django.db.models.fields.files import FieldFile
 
-from .events import EventSerializationError
-from .events.codec import to_jsonable
+from django_eventbus.events import EventSerializationError
+from django_eventbus.events.codec import to_jsonable
 
 __all__ = ["changed_values", "field_json", "instance_payload", "raw_values", "row_payload"]
 

@@ -37,7 +37,8 @@ from typing import Any
 
 from django.db.backends.base.base import BaseDatabaseWrapper
 
-from .conf import conf
+from django_eventbus.conf import conf
+
 from .context import current_correlation_id
 
 __all__ = ["ContextInjector", "install_on_connection"]

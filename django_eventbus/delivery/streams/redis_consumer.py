@@ -43,10 +43,10 @@ import zlib
 from typing import Any
 
 from django_eventbus import signals, tracing
-from django_eventbus.consumers import Consumer
+from django_eventbus.delivery.consumers import Consumer
+from django_eventbus.delivery.listener import _callable
 from django_eventbus.events.codec import loads_event
 from django_eventbus.events.dispatch import call_handler
-from django_eventbus.listener import _callable
 
 from . import StreamTarget
 

@@ -35,8 +35,8 @@ from django.db.models import DateTimeField, ExpressionWrapper, F, Q, Value
 from django.db.models.expressions import CombinedExpression
 from django.db.models.functions import Now
 
-from .conf import conf
-from .models import ConsumerCursor
+from django_eventbus.conf import conf
+from django_eventbus.models import ConsumerCursor
 
 __all__ = ["Lease", "acquire", "ensure_cursor", "new_owner", "release", "renew", "save_cursor"]
 

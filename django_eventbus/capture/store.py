@@ -5,7 +5,7 @@ only table and column names, from the model, are quoted in), a few hundred rows 
 statement so the parameter count stays within every backend's limit. Nothing
 else rides in that statement: the log row is written when the event is emitted,
 in the transaction of the change, and publishing happens after commit
-(:mod:`django_eventbus.outbox`).
+(:mod:`django_eventbus.capture.outbox`).
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from typing import Any
 
 from django.db.backends.base.base import BaseDatabaseWrapper
 
-from .events import Event
-from .events.codec import dumps
-from .models import StoredEvent
+from django_eventbus.events import Event
+from django_eventbus.events.codec import dumps
+from django_eventbus.models import StoredEvent
 
 __all__ = ["record"]
 
@@ -41,7 +41,7 @@ def record(events: Sequence[Event], connection: BaseDatabaseWrapper, *, relay: b
     """Insert ``events`` into the log on ``connection``, in its current transaction.
 
     ``relay`` marks rows the writer will not publish itself: the relay
-    (:mod:`django_eventbus.relay`) publishes them from the log.
+    (:mod:`django_eventbus.delivery.relay`) publishes them from the log.
     """
     if not events:
         return

@@ -9,10 +9,10 @@ takes over the read side: partitions, retention, consumer groups. Pieces:
   text of its key (the payload's ``pk``, else the event id) modulo the number of
   partitions, so every event of one model row lands in one stream, in log order,
   and a producer in another language can compute the same partition.
-* :class:`StreamRelay` — a :class:`~django_eventbus.relay.LogRelay` over *every*
+* :class:`StreamRelay` — a :class:`~django_eventbus.delivery.relay.LogRelay` over *every*
   log row (not only the relay rows), under an advisory lock of its own per
   target, with its cursor ``"django_eventbus.streams:<target>"``; it hands each
-  batch to a sink (:class:`~django_eventbus.streams.redis_streams.RedisStreamSink`).
+  batch to a sink (:class:`~django_eventbus.delivery.streams.redis_streams.RedisStreamSink`).
 
 Stream names are ``<prefix>:<topic>:<partition>``; the one wire format of the
 project (:func:`~django_eventbus.events.codec.dumps_event`) is the ``event``
@@ -28,9 +28,9 @@ from collections.abc import Mapping
 from typing import Any, Protocol
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
+from django_eventbus.delivery.relay import LogRelay
 from django_eventbus.events.codec import dumps
 from django_eventbus.events.types import Event
-from django_eventbus.relay import LogRelay
 
 __all__ = ["StreamRelay", "StreamSink", "StreamTarget", "parse_target", "partition_of"]
 

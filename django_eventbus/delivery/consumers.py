@@ -21,8 +21,8 @@ import logging
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from .events.dispatch import topic_matches
-from .events.types import Event
+from django_eventbus.events.dispatch import topic_matches
+from django_eventbus.events.types import Event
 
 __all__ = ["Consumer", "celery_route", "consumer", "get_consumers", "register", "unregister"]
 
@@ -168,7 +168,7 @@ def _resolve_task(task: Any) -> Any:
 
 def register_celery_routes() -> None:
     """Register ``EVENTBUS["CELERY_ROUTES"]`` (``{"pattern": "dotted.task.path"}``) as consumers."""
-    from .conf import conf
+    from django_eventbus.conf import conf
 
     for name in [n for n, c in _registry.items() if getattr(c.func, "_eventbus_setting_route", False)]:
         unregister(name)

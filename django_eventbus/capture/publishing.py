@@ -7,11 +7,12 @@ from typing import Any
 
 from asgiref.sync import sync_to_async
 
-from . import tracing
-from .conf import conf
+from django_eventbus import tracing
+from django_eventbus.conf import conf
+from django_eventbus.events import Event, EventType
+from django_eventbus.events.codec import check_event
+
 from .context import current_correlation_id
-from .events import Event, EventType
-from .events.codec import check_event
 from .outbox import emit
 
 __all__ = ["apublish", "make_event", "publish"]

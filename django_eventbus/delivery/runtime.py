@@ -27,11 +27,11 @@ from typing import Any, TypeVar
 from django.core.signals import setting_changed
 from django.dispatch import receiver
 
-from . import signals, tracing
-from .conf import conf
-from .events import Event, Subscription, create_event_bus
-from .events.base import BaseEventBus
-from .events.types import Handler
+from django_eventbus import signals, tracing
+from django_eventbus.conf import conf
+from django_eventbus.events import Event, Subscription, create_event_bus
+from django_eventbus.events.base import BaseEventBus
+from django_eventbus.events.types import Handler
 
 __all__ = ["BusRunner", "ProcessBus", "aget_bus", "get_bus", "get_runner", "reset_runner"]
 

@@ -38,10 +38,11 @@ from django.core.exceptions import ImproperlyConfigured
 from django.db import models, router, transaction
 from django.db.models.signals import m2m_changed, post_delete, post_save, pre_delete, pre_save
 
-from . import tracing
-from .conf import MODEL_DEFAULTS, conf
+from django_eventbus import tracing
+from django_eventbus.conf import MODEL_DEFAULTS, conf
+from django_eventbus.events import Event, EventType
+
 from .context import current_correlation_id
-from .events import Event, EventType
 from .outbox import emit
 from .payloads import changed_values, field_json, instance_payload, raw_values, row_payload
 
@@ -179,7 +180,7 @@ def captured_by_database() -> bool:
 def _wake_relay(sender: type[models.Model], using: str, **kwargs: Any) -> None:
     # The trigger wrote the log row; an ORM write wakes the relay once its transaction
     # commits, so the event goes out at once instead of at the relay's next poll.
-    from .relay import wake_after_commit
+    from django_eventbus.delivery.relay import wake_after_commit
 
     wake_after_commit(using)
 

@@ -1,7 +1,7 @@
 """The relay: publishes the log rows whose writer did not publish them, in log order.
 
 Rows with ``relay = true`` are events nobody holds in memory: those a
-transaction emitted beyond ``PUBLISH_BUFFER`` (see :mod:`django_eventbus.outbox`),
+transaction emitted beyond ``PUBLISH_BUFFER`` (see :mod:`django_eventbus.capture.outbox`),
 and rows written by the database itself (database capture). The relay reads
 them after its cursor (a :class:`~django_eventbus.models.ConsumerCursor` named
 ``"django_eventbus.relay"``) through the partial index ``eventbus_relay``,
@@ -11,7 +11,7 @@ again: consumers deduplicate by ``event_id``.
 
 Ids commit out of order: the relay never passes an id that is missing from the
 log until the row after it is ``GAP_TIMEOUT`` seconds old (the listener's gap
-rule, :func:`~django_eventbus.listener.gap_may_fill`), so a transaction still
+rule, :func:`~django_eventbus.delivery.listener.gap_may_fill`), so a transaction still
 committing is not skipped — unless, on PostgreSQL, no other session of the
 database is inside a transaction (then the missing ids were rolled back: a
 rolled back savepoint of a bulk job does not hold the relay for ``GAP_TIMEOUT``).
@@ -31,7 +31,7 @@ Who runs it and when:
   wake runs it on the runner's loop.
 
 :class:`LogRelay` is the machinery (cursor, gap rule, lock, wake); :class:`Relay`
-delivers to the bus. The stream relay (:mod:`django_eventbus.streams`) is another
+delivers to the bus. The stream relay (:mod:`django_eventbus.delivery.streams`) is another
 ``LogRelay``: it reads every row of the log, under a lock of its own.
 """
 
@@ -47,12 +47,13 @@ from typing import Any
 from asgiref.sync import sync_to_async
 from django.db import connections
 
-from .conf import conf, django_database_conninfo
-from .events.backoff import backoff_delays
-from .events.base import BaseEventBus
-from .events.types import Event
+from django_eventbus.conf import conf, django_database_conninfo
+from django_eventbus.events.backoff import backoff_delays
+from django_eventbus.events.base import BaseEventBus
+from django_eventbus.events.types import Event
+from django_eventbus.models import StoredEvent
+
 from .listener import EVENT_COLUMNS, _load_cursor, _save_cursor, event_from_row, gap_deadline, gap_may_fill
-from .models import StoredEvent
 
 __all__ = [
     "CURSOR_NAME",
@@ -123,7 +124,7 @@ def wake_after_commit(using: str | None = None) -> None:
     transaction (unless an enclosing savepoint level already has one), so a bulk
     job does not send a NOTIFY per row; a rolled back savepoint drops its own.
     """
-    from .outbox import on_commit_state
+    from django_eventbus.capture.outbox import on_commit_state
 
     alias = using or conf.DATABASE_ALIAS
     connection = connections[alias]
