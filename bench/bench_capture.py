@@ -66,7 +66,7 @@ def measure(mode: str, bus: Any, rows: int, bulk: int) -> dict[str, float]:
     from django.db import OperationalError, connection, transaction
     from django.test.utils import override_settings
 
-    from django_eventbus import capture_database
+    from django_eventbus.capture import triggers as capture_database
     from django_eventbus.capture.outbox import flush_pending
     from testproject.inventory.models import Product
 
@@ -167,7 +167,7 @@ def many_writers(args: argparse.Namespace) -> None:
     from django.db import connections
     from django.test.utils import override_settings
 
-    from django_eventbus import capture_database
+    from django_eventbus.capture import triggers as capture_database
 
     call_command("migrate", verbosity=0)
     # Child processes read the same settings module: database capture is switched on in the

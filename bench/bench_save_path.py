@@ -33,7 +33,7 @@ def main() -> None:
     from django.db.models.signals import post_save, pre_save
     from django.test.utils import override_settings
 
-    from django_eventbus import outbox, tracking
+    from django_eventbus.capture import outbox, tracking
     from django_eventbus.delivery.runtime import get_runner, reset_runner
     from django_eventbus.events import Event
     from django_eventbus.events.codec import dumps_event

@@ -426,7 +426,7 @@ def test_republish_sends_the_same_events_again(events: list[StoredEvent]) -> Non
 def test_republish_failure_is_reported(
     admin_client: Client, events: list[StoredEvent], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from django_eventbus import runtime
+    from django_eventbus.delivery import runtime
 
     def broken(*args: Any, **kwargs: Any) -> None:
         raise ConnectionError("redis is down")

@@ -132,7 +132,7 @@ def test_publish_rejects_bad_topic_and_type() -> None:
 
 
 def test_publish_is_atomic_with_the_log(monkeypatch: pytest.MonkeyPatch, transactional_db: None) -> None:
-    from django_eventbus import outbox
+    from django_eventbus.capture import outbox
 
     def fail(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError("disk full")
@@ -522,7 +522,7 @@ def test_durable_consumers_without_the_log_warn(settings: Any, durable_consumers
 
 
 def test_no_durable_consumer_no_warning(settings: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    from django_eventbus import consumers
+    from django_eventbus.delivery import consumers
 
     monkeypatch.setattr(consumers, "_registry", {})
     settings.EVENTBUS = {**settings.EVENTBUS, "STORE_EVENTS": False}

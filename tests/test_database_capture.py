@@ -25,7 +25,7 @@ from django.db import connection, connections, transaction
 from django.test import Client
 
 import django_eventbus
-from django_eventbus import capture_database
+from django_eventbus.capture import triggers as capture_database
 from django_eventbus.capture.payloads import instance_payload
 from django_eventbus.capture.tracking import tracking_for
 from django_eventbus.checks import check_capture_triggers, check_settings

@@ -20,8 +20,9 @@ import pytest
 from django.db import connection
 from django.test.utils import isolate_apps, override_settings
 
-from django_eventbus import consumers, tracking
+from django_eventbus.capture import tracking
 from django_eventbus.checks import check_settings
+from django_eventbus.delivery import consumers
 
 ROOT = Path(__file__).resolve().parent.parent
 FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]

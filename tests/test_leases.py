@@ -22,7 +22,7 @@ import pytest
 from django.db.models import F
 from django.utils import timezone
 
-from django_eventbus import leases
+from django_eventbus.delivery import leases
 from django_eventbus.delivery.consumers import Consumer, register, unregister
 from django_eventbus.delivery.listener import Listener
 from django_eventbus.events import Event, create_event_bus

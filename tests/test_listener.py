@@ -265,7 +265,7 @@ def _env_of_current_bus() -> dict[str, str]:
 PUBLISHER_DIES = """
 import os, django
 django.setup()
-from django_eventbus import outbox
+from django_eventbus.capture import outbox
 outbox._publish_now = lambda events, wait=False: os._exit(0)  # dies after COMMIT, before the publish
 from testproject.inventory.models import Product
 Product.objects.create(name="orphan")

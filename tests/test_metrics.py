@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from django_eventbus import metrics, runtime
+from django_eventbus import metrics
+from django_eventbus.delivery import runtime
 from django_eventbus.events import Event, EventType
 from django_eventbus.events.memory import InMemoryEventBus
 from django_eventbus.metrics import STAT_DESCRIPTIONS, STAT_NAMES, get_stats, register_bus

@@ -302,7 +302,7 @@ def test_third_party_model_from_settings_never_emits_password(
 
 
 def test_track_decorator_registers_a_model(settings: Any) -> None:
-    from django_eventbus import tracking
+    from django_eventbus.capture import tracking
 
     settings.EVENTBUS = {**settings.EVENTBUS, "MODELS": {}}
     try:

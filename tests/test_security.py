@@ -194,7 +194,7 @@ async def test_an_excluded_value_reaches_no_outlet(
     from channels.db import database_sync_to_async
     from django.db import connection
 
-    from django_eventbus import capture_database
+    from django_eventbus.capture import triggers as capture_database
     from django_eventbus.delivery.relay import Relay
     from django_eventbus.events import create_event_bus
 

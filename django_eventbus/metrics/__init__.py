@@ -97,7 +97,7 @@ def get_stats() -> dict[str, int]:
 
 
 def _buses() -> list[Any]:
-    from django_eventbus import runtime
+    from django_eventbus.delivery import runtime
 
     buses: list[Any] = list(_extra_buses)
     # Read the runner without creating it: reading metrics must not open connections.
