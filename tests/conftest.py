@@ -1,35 +1,26 @@
-"""Shared fixtures: the bus of the Django layer, switched per test through settings."""
+"""Shared fixtures: the bus of the Django layer, switched per test through settings.
+
+Also the fixtures several test modules use: ``bus_kind`` (a real bus for this process),
+``shared_database`` (the test database, for other processes) and ``throwaway_redis``.
+Helpers that are not fixtures live in the support modules beside this file
+(services, polling, orm, listener_processes, redis_servers, websocket_support, live_websocket).
+"""
 
 from __future__ import annotations
 
+import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
 from django.db import connection
 
-from tests.services import require_postgres, require_redis
+from tests.listener_processes import bus_env
+from tests.redis_servers import RedisServer
+from tests.services import IN_CI, bus_setting
 
 pytest_plugins = ["django_eventbus.testing"]
-
-
-def bus_setting(kind: str) -> Any:
-    """EVENTBUS["BUS"] for a kind of bus, each test on its own channel prefix."""
-    prefix = f"t{uuid.uuid4().hex[:10]}"
-    if kind == "memory":
-        return "memory://"
-    if kind == "redis":
-        return {"backend": "redis", "url": require_redis(), "channel_prefix": prefix}
-    if kind == "postgres":
-        # Its own connection to the server (works whatever the Django database is).
-        return {"backend": "postgres", "connection_string": require_postgres(), "channel_prefix": prefix}
-    if kind == "postgres-django":
-        # No connection_string: Django's own database is the transport.
-        if connection.vendor != "postgresql":
-            pytest.skip("the Django database is not PostgreSQL in this run (see .ci/run's PostgreSQL run)")
-        return {"backend": "postgres", "channel_prefix": prefix}
-    raise ValueError(kind)
 
 
 @pytest.fixture
@@ -53,3 +44,52 @@ def _close_bus_at_session_end() -> Iterator[None]:
     from django_eventbus.delivery.runtime import reset_runner
 
     reset_runner()
+
+
+@pytest.fixture
+def bus_kind(request: pytest.FixtureRequest, settings: Any) -> Iterator[str]:
+    """Point this process's Django layer at a real bus (postgres on Django's DB, or redis)."""
+    kind: str = request.param
+    prefix = f"l{uuid.uuid4().hex[:10]}"
+    from django_eventbus.delivery.runtime import reset_runner
+    from django_eventbus.events.bus import parse_bus_url
+
+    if kind == "postgres" and connection.vendor != "postgresql":
+        pytest.skip("the postgres bus on Django's database needs DATABASE_URL=postgres://…")
+    env = bus_env(kind, prefix)
+    settings.EVENTBUS = {
+        **settings.EVENTBUS,
+        "BUS": {**parse_bus_url(env["EVENTBUS_URL"]), "channel_prefix": prefix},
+    }
+    yield kind
+    reset_runner()
+
+
+@pytest.fixture
+def shared_database() -> str:
+    """A DATABASE_URL for other processes: the PostgreSQL test database itself."""
+    if connection.vendor != "postgresql":
+        pytest.skip("multi-process tests need the Django database on PostgreSQL (.ci/run's PostgreSQL pass)")
+    s = connection.settings_dict
+    return f"postgres://{s['USER'] or 'postgres'}@{s['HOST'] or '127.0.0.1'}:{s['PORT'] or 5432}/{s['NAME']}"
+
+
+@pytest.fixture
+def throwaway_redis() -> Iterator[Callable[..., Awaitable[RedisServer]]]:
+    """Start private ``redis-server`` processes; each is killed at teardown, whatever happened."""
+    if shutil.which("redis-server") is None:
+        message = "redis-server is not on PATH"
+        if IN_CI:
+            pytest.fail(f"{message} (CI=true: the Redis fault tests must run)")
+        pytest.skip(message)
+    servers: list[RedisServer] = []
+
+    async def start(*args: str, unix_socket: str | None = None) -> RedisServer:
+        server = RedisServer(*args, unix_socket=unix_socket)
+        servers.append(server)
+        await server.start()
+        return server
+
+    yield start
+    for server in servers:
+        server.kill()

@@ -1,16 +1,20 @@
 """Where the real PostgreSQL and Redis are, and what to do when one is missing.
 
 Under ``CI=true`` a missing service fails the test that needs it (a green CI
-must mean the test ran); elsewhere it skips, saying why.
+must mean the test ran); elsewhere it skips, saying why. Also: the bus setting
+for each kind of bus, and free ports for servers a test starts itself.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import uuid
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+from django.db import connection
 
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 
@@ -56,3 +60,28 @@ def require_postgres() -> str:
 
 def require_redis() -> str:
     return require("Redis", redis_url(), 6379)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (for a server this test starts)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def bus_setting(kind: str) -> Any:
+    """EVENTBUS["BUS"] for a kind of bus, each test on its own channel prefix."""
+    prefix = f"t{uuid.uuid4().hex[:10]}"
+    if kind == "memory":
+        return "memory://"
+    if kind == "redis":
+        return {"backend": "redis", "url": require_redis(), "channel_prefix": prefix}
+    if kind == "postgres":
+        # Its own connection to the server (works whatever the Django database is).
+        return {"backend": "postgres", "connection_string": require_postgres(), "channel_prefix": prefix}
+    if kind == "postgres-django":
+        # No connection_string: Django's own database is the transport.
+        if connection.vendor != "postgresql":
+            pytest.skip("the Django database is not PostgreSQL in this run (see .ci/run's PostgreSQL run)")
+        return {"backend": "postgres", "channel_prefix": prefix}
+    raise ValueError(kind)

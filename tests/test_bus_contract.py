@@ -22,6 +22,7 @@ from django_eventbus.events import (
     EventType,
     create_event_bus,
 )
+from tests.polling import await_until as wait_for
 from tests.services import require_postgres, require_redis
 
 BACKENDS = ["memory", "postgres", "redis"]
@@ -54,14 +55,6 @@ async def make_bus(request: pytest.FixtureRequest) -> AsyncIterator[Callable[[],
     yield make
     for bus in buses:
         await bus.close()
-
-
-async def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not condition():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.005)
 
 
 async def settle() -> None:

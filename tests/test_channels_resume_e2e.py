@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import time
 from typing import Any
 
 import pytest
@@ -20,9 +19,10 @@ from websockets.asyncio.client import ClientConnection
 
 from django_eventbus.models import StoredEvent
 from testproject.inventory.models import Product
+from tests.live_websocket import subscribe, websocket
 from tests.orm import orm
+from tests.polling import await_until as wait_for
 from tests.services import require_redis
-from tests.test_websocket_e2e import subscribe, websocket
 from tests.websocket_support import Server, Stack, make_user, session_cookie, stack_env, wait_for_port
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.redis, pytest.mark.slow]
@@ -40,14 +40,6 @@ async def collect(ws: ClientConnection, into: list[str], frames: list[dict[str, 
             into.append(frame["event"]["event_id"])
         else:
             frames.append(frame)
-
-
-async def wait_for(condition: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} within {timeout}s")
-        await asyncio.sleep(0.05)
 
 
 async def test_a_connected_client_gets_every_event_once_across_a_listener_restart(

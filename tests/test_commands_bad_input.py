@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from tests.websocket_support import REPO, database_url, free_port
+from tests.services import free_port
+from tests.websocket_support import REPO, database_url
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

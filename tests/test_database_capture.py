@@ -465,7 +465,7 @@ def test_captured_writes_reach_a_durable_consumer_through_the_relay(kind: str, s
     from django_eventbus.delivery.listener import Listener
     from django_eventbus.delivery.relay import WAKE_CHANNEL, Relay
     from django_eventbus.events import create_event_bus
-    from tests.conftest import bus_setting
+    from tests.services import bus_setting
 
     settings.EVENTBUS = {**settings.EVENTBUS, "BUS": bus_setting(kind), "RELAY_INTERVAL": 60.0}
     seen: list[tuple[str, str, Any]] = []

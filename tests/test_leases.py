@@ -28,16 +28,13 @@ from django_eventbus.delivery.listener import Listener
 from django_eventbus.events import Event, create_event_bus
 from django_eventbus.models import ConsumerCursor, StoredEvent
 from testproject.inventory.models import Tag
-from tests import test_listener, test_redis_backend
+from tests.listener_processes import env_of_current_bus as _env_of_current_bus
+from tests.listener_processes import recorded, save_products, start_listener
 from tests.orm import orm
-from tests.test_listener import _env_of_current_bus, recorded, save_products, start_listener, wait_until
-from tests.test_redis_backend import RedisServer
+from tests.polling import wait_until
+from tests.redis_servers import RedisServer
 
 pytestmark = pytest.mark.django_db(transaction=True)
-# Fixtures shared with the modules that define them.
-bus_kind = test_listener.bus_kind
-shared_database = test_listener.shared_database
-throwaway_redis = test_redis_backend.throwaway_redis
 RECORDER = "inventory.recorder"  # testproject's consumer behind EVENTBUS_RECORD_TO
 
 

@@ -15,12 +15,10 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from django.db import connection, connections
 
 import django_eventbus
 from django_eventbus.conf import conf
@@ -29,63 +27,14 @@ from django_eventbus.delivery.listener import Listener
 from django_eventbus.events import Event, EventType, create_event_bus
 from django_eventbus.models import ConsumerCursor, DeadLetter, StoredEvent
 from testproject.inventory.models import Product
+from tests.listener_processes import ROOT, recorded, save_products, start_listener
+from tests.listener_processes import env_of_current_bus as _env_of_current_bus
 from tests.orm import orm
+from tests.polling import await_until, wait_until
 from tests.services import require_postgres, require_redis
 
 pytestmark = pytest.mark.django_db(transaction=True)
-ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not met within {timeout}s")
-        time.sleep(0.02)
-
-
-async def await_until(condition: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not met within {timeout}s")
-        await asyncio.sleep(0.02)
-
-
-@pytest.fixture
-def shared_database() -> str:
-    """A DATABASE_URL for other processes: the PostgreSQL test database itself."""
-    if connection.vendor != "postgresql":
-        pytest.skip("multi-process tests need the Django database on PostgreSQL (.ci/run's PostgreSQL pass)")
-    s = connection.settings_dict
-    return f"postgres://{s['USER'] or 'postgres'}@{s['HOST'] or '127.0.0.1'}:{s['PORT'] or 5432}/{s['NAME']}"
-
-
-def bus_env(kind: str, prefix: str) -> dict[str, str]:
-    url = {"postgres": "postgres://", "redis": require_redis()}[kind]
-    if kind == "postgres":
-        require_postgres()
-    return {"EVENTBUS_URL": url, "EVENTBUS_CHANNEL_PREFIX": prefix}
-
-
-@pytest.fixture
-def bus_kind(request: pytest.FixtureRequest, settings: Any) -> Iterator[str]:
-    """Point this process's Django layer at a real bus (postgres on Django's DB, or redis)."""
-    kind: str = request.param
-    prefix = f"l{uuid.uuid4().hex[:10]}"
-    from django_eventbus.delivery.runtime import reset_runner
-    from django_eventbus.events.bus import parse_bus_url
-
-    if kind == "postgres" and connection.vendor != "postgresql":
-        pytest.skip("the postgres bus on Django's database needs DATABASE_URL=postgres://…")
-    env = bus_env(kind, prefix)
-    settings.EVENTBUS = {
-        **settings.EVENTBUS,
-        "BUS": {**parse_bus_url(env["EVENTBUS_URL"]), "channel_prefix": prefix},
-    }
-    yield kind
-    reset_runner()
 
 
 def listener_bus_config(name: str) -> dict[str, Any]:
@@ -115,16 +64,6 @@ def kill_listener_connection(kind: str, name: str) -> int:
         return int(client.execute_command("CLIENT", "KILL", "TYPE", "pubsub"))
     finally:
         client.close()
-
-
-def save_products(names: list[str], pause: float = 0.0) -> None:
-    try:
-        for name in names:
-            Product.objects.create(name=name, stock=5)
-            if pause:
-                time.sleep(pause)
-    finally:
-        connections.close_all()
 
 
 @pytest.mark.parametrize("bus_kind", ["postgres", "redis"], indirect=True)
@@ -161,68 +100,6 @@ async def test_killed_listener_connection_loses_and_repeats_nothing(bus_kind: st
     assert bus.stats.reconnects >= 2
 
 
-def start_listener(
-    env: dict[str, str],
-    record_to: Path,
-    database: str,
-    *,
-    args: tuple[str, ...] = (),
-    log_to: Path | None = None,
-    ready: str = "listening on",
-) -> subprocess.Popen[str]:
-    """``manage.py eventbus_listen`` on ``database``, its recorder consumer writing to ``record_to``.
-
-    Returns once its output says ``ready``; the rest of its output goes to ``log_to`` (or nowhere).
-    """
-    full_env = {
-        **os.environ,
-        **env,
-        "DATABASE_URL": database,
-        "EVENTBUS_RECORD_TO": str(record_to),
-        "EVENTBUS_CATCHUP_INTERVAL": "0.5",
-        "PYTHONUNBUFFERED": "1",
-    }
-    process = subprocess.Popen(
-        [sys.executable, "manage.py", "eventbus_listen", *args],
-        cwd=ROOT,
-        env=full_env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    assert process.stdout is not None
-    deadline = time.monotonic() + 30
-    for line in process.stdout:
-        if log_to is not None:
-            with log_to.open("a") as log:
-                log.write(line)
-        if ready in line or time.monotonic() > deadline:
-            break
-    else:
-        process.stdout.close()
-        raise AssertionError(f"listener exited: {process.wait()}")
-    # keep the pipe drained
-    threading.Thread(target=_drain, args=(process.stdout, log_to), daemon=True).start()
-    return process
-
-
-def _drain(stream: Any, log_to: Path | None = None) -> None:
-    with stream:
-        if log_to is None:
-            stream.read()
-            return
-        with log_to.open("a") as log:
-            for line in stream:
-                log.write(line)
-                log.flush()
-
-
-def recorded(path: Path) -> list[str]:
-    if not path.exists():
-        return []
-    return [line.split(" ")[1] for line in path.read_text().splitlines() if line.count(" ") == 2]
-
-
 @pytest.mark.parametrize("bus_kind", ["postgres", "redis"], indirect=True)
 def test_sigkilled_listener_restarts_without_losing_events(
     bus_kind: str, shared_database: str, tmp_path: Path
@@ -253,13 +130,6 @@ def test_sigkilled_listener_restarts_without_losing_events(
     duplicates = len(handled) - len(set(handled))
     assert set(handled) == set(names)
     assert duplicates <= 1, f"{duplicates} events handled twice (at most the one in flight may be)"
-
-
-def _env_of_current_bus() -> dict[str, str]:
-    bus = conf.raw_bus_config()
-    if bus["backend"] == "postgres":
-        return {"EVENTBUS_URL": "postgres://", "EVENTBUS_CHANNEL_PREFIX": bus["channel_prefix"]}
-    return {"EVENTBUS_URL": bus["url"], "EVENTBUS_CHANNEL_PREFIX": bus["channel_prefix"]}
 
 
 PUBLISHER_DIES = """

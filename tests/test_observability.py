@@ -213,8 +213,8 @@ def test_without_a_configured_tracer_provider_nothing_is_traced_or_injected() ->
 def test_eventbus_listen_serves_prometheus_metrics(use_bus: Any) -> None:
     import urllib.request
 
-    from tests.services import require_redis
-    from tests.websocket_support import Server, free_port, stack_env
+    from tests.services import free_port, require_redis
+    from tests.websocket_support import Server, stack_env
 
     bus = use_bus("redis")["BUS"]
     port = free_port()

@@ -28,7 +28,7 @@ from django_eventbus.models import StoredEvent
 from django_eventbus.testing import capture_events
 from testproject.inventory.models import Product
 from tests.orm import orm
-from tests.test_listener import await_until
+from tests.polling import await_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

@@ -29,9 +29,8 @@ from django_eventbus.conf import conf
 from django_eventbus.events import Event, EventType, create_event_bus
 from django_eventbus.events.bus import parse_bus_url
 from django_eventbus.events.postgres import PostgresEventBus
-from tests.services import IN_CI, require_postgres
-from tests.test_postgres_backend import eventually
-from tests.test_redis_backend import free_port
+from tests.polling import await_until as eventually
+from tests.services import IN_CI, free_port, require_postgres
 
 pytestmark = pytest.mark.postgres
 

@@ -12,7 +12,6 @@ import contextlib
 import logging
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import uuid
@@ -35,7 +34,8 @@ from django_eventbus.events import (
 )
 from django_eventbus.events.codec import dumps_event
 from django_eventbus.events.postgres import MAX_PAYLOAD_BYTES, PostgresEventBus
-from tests.services import IN_CI, require_postgres
+from tests.polling import await_until as eventually
+from tests.services import IN_CI, free_port, require_postgres
 
 pytestmark = pytest.mark.postgres
 
@@ -43,16 +43,6 @@ MakeBus = Callable[..., Awaitable[PostgresEventBus]]
 
 
 # -- helpers -------------------------------------------------------------------
-
-
-async def eventually(condition: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> None:
-    """Poll ``condition`` until it is true; fail after ``timeout`` seconds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not condition():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.005)
 
 
 def ev(topic: str = "t", **payload: Any) -> Event:
@@ -622,12 +612,6 @@ async def test_connect_to_an_unreachable_server_fails_loudly(make_bus: MakeBus) 
 # -- a real server restart ---------------------------------------------------------
 
 PG_BIN = Path(os.environ.get("EVENTBUS_PG_BIN", "/usr/lib/postgresql/15/bin"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Cluster:

@@ -10,14 +10,12 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import shutil
 import socket
 import ssl
-import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,35 +27,16 @@ from redis.asyncio.connection import Connection, SSLConnection, UnixDomainSocket
 from django_eventbus.events import BusClosedError, ConnectionState, Event, EventType, create_event_bus
 from django_eventbus.events.codec import dumps_event
 from django_eventbus.events.redis import RedisConnectionError, RedisEventBus, redis_glob
-from tests.services import IN_CI, require_redis
+from tests.polling import await_until as wait_for
+from tests.polling import await_until_async as wait_for_async
+from tests.polling import returns
+from tests.redis_servers import RedisServer
+from tests.services import free_port, require_redis
 
 pytestmark = pytest.mark.redis
 
 
 # -- helpers -----------------------------------------------------------------------
-
-
-async def wait_for(condition: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
-    """Poll ``condition`` until it holds; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not met within {timeout}s")
-        await asyncio.sleep(0.005)
-
-
-async def wait_for_async(
-    condition: Callable[[], Awaitable[bool]], timeout: float = 10.0, what: str = "condition"
-) -> None:
-    deadline = time.monotonic() + timeout
-    while not await condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not met within {timeout}s")
-        await asyncio.sleep(0.02)
-
-
-async def returns(query: Callable[[], Awaitable[Any]], expected: Any) -> bool:
-    return bool(await query() == expected)
 
 
 async def settle() -> None:
@@ -72,82 +51,6 @@ def ev(topic: str, **payload: Any) -> Event:
 def with_query(url: str, **query: str) -> str:
     extra = "&".join(f"{k}={v}" for k, v in query.items())
     return f"{url}{'&' if '?' in url else '?'}{extra}"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-class RedisServer:
-    """A ``redis-server`` subprocess of our own: stop it, start it again on the same port."""
-
-    def __init__(self, *args: str, unix_socket: str | None = None) -> None:
-        self.port = free_port()
-        self.args = list(args)
-        self.unix_socket = unix_socket
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    async def start(self) -> None:
-        command = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1"]
-        command += ["--save", "", "--appendonly", "no", "--daemonize", "no", *self.args]
-        if self.unix_socket:
-            command += ["--unixsocket", self.unix_socket, "--unixsocketperm", "700"]
-        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        await wait_for_async(self._answers, timeout=10, what=f"redis-server on port {self.port}")
-
-    async def _answers(self) -> bool:
-        assert self.process is not None
-        if self.process.poll() is not None:
-            raise AssertionError(f"redis-server exited with {self.process.returncode}")
-        client = redis.asyncio.Redis(port=self.port, socket_connect_timeout=1)
-        try:
-            return bool(await client.ping())
-        except (redis.exceptions.ConnectionError, redis.exceptions.BusyLoadingError):
-            return False
-        finally:
-            await client.aclose()
-
-    def stop(self) -> None:
-        """SIGTERM, as a restart by an operator would; wait until the process is gone."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(10)
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(10)
-
-    def admin(self) -> redis.asyncio.Redis:
-        return redis.asyncio.Redis(port=self.port)
-
-
-@pytest.fixture
-def throwaway_redis() -> Iterator[Callable[..., Awaitable[RedisServer]]]:
-    """Start private ``redis-server`` processes; each is killed at teardown, whatever happened."""
-    if shutil.which("redis-server") is None:
-        message = "redis-server is not on PATH"
-        if IN_CI:
-            pytest.fail(f"{message} (CI=true: the Redis fault tests must run)")
-        pytest.skip(message)
-    servers: list[RedisServer] = []
-
-    async def start(*args: str, unix_socket: str | None = None) -> RedisServer:
-        server = RedisServer(*args, unix_socket=unix_socket)
-        servers.append(server)
-        await server.start()
-        return server
-
-    yield start
-    for server in servers:
-        server.kill()
 
 
 @pytest.fixture

@@ -21,9 +21,10 @@ import pytest
 from django_eventbus.events import ConnectionState, Event, EventType, create_event_bus
 from django_eventbus.events.bus import parse_bus_url
 from django_eventbus.events.redis import RedisEventBus, parse_sentinel_url
-from tests.test_redis_backend import RedisServer, returns, throwaway_redis, wait_for, wait_for_async
-
-__all__ = ["throwaway_redis"]  # a fixture of this module too (imported, so not copied)
+from tests.polling import await_until as wait_for
+from tests.polling import await_until_async as wait_for_async
+from tests.polling import returns
+from tests.redis_servers import RedisServer
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
@@ -217,8 +218,8 @@ async def test_listener_catches_up_from_the_log_after_a_failover(
     from django_eventbus.delivery.listener import Listener
     from django_eventbus.delivery.runtime import reset_runner
     from django_eventbus.models import StoredEvent
+    from tests.listener_processes import save_products
     from tests.orm import orm
-    from tests.test_listener import save_products
 
     master, _replica, sentinel = topology
     settings.EVENTBUS = {

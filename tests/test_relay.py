@@ -23,9 +23,10 @@ from django_eventbus.delivery.relay import WAKE_CHANNEL, Relay, wake_relay
 from django_eventbus.events import Event, create_event_bus
 from django_eventbus.events.base import BaseEventBus
 from django_eventbus.models import StoredEvent
-from tests.conftest import bus_setting
+from tests.listener_processes import bus_env, start_listener
 from tests.orm import orm
-from tests.test_listener import await_until, bus_env, start_listener
+from tests.polling import await_until
+from tests.services import bus_setting
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.postgres]
 

@@ -110,7 +110,7 @@ SECRET = "s3cret-pw-4f9a"
 
 
 def closed_port() -> int:
-    from tests.websocket_support import free_port
+    from tests.services import free_port
 
     return free_port()  # bound and released: nothing listens there
 

@@ -32,11 +32,10 @@ from django_eventbus.events import Event
 from django_eventbus.events.codec import loads_event
 from django_eventbus.models import StoredEvent
 from testproject.inventory.models import Product
+from tests.listener_processes import drain as _drain
 from tests.orm import orm
+from tests.polling import await_until, wait_until
 from tests.services import redis_url, require_redis
-from tests.test_listener import _drain, await_until, shared_database, wait_until
-
-__all__ = ["shared_database"]  # a fixture, used by name
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.redis, pytest.mark.postgres]
 

@@ -23,8 +23,16 @@ from django_eventbus.channels.consumer import CLOSE_REVOKED, CLOSE_TOO_MANY_CONN
 from django_eventbus.channels.forwarding import forward
 from django_eventbus.models import StoredEvent
 from tests.services import require_redis
-from tests.test_websocket_consumer import PATH, event, expect_error, expect_event, store, subscribe
-from tests.websocket_support import make_user, with_user
+from tests.websocket_support import (
+    PATH,
+    event,
+    expect_error,
+    expect_event,
+    make_user,
+    store,
+    subscribe,
+    with_user,
+)
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.redis]
 

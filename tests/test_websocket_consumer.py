@@ -16,13 +16,18 @@ from channels.testing import WebsocketCommunicator
 from django.contrib.auth.models import AnonymousUser
 
 from django_eventbus.channels.forwarding import forward
-from django_eventbus.events import Event, EventType
-from django_eventbus.models import StoredEvent
-from tests.websocket_support import make_user, with_user
+from tests.websocket_support import (
+    PATH,
+    event,
+    expect_error,
+    expect_event,
+    make_user,
+    store,
+    subscribe,
+    with_user,
+)
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-PATH = "/ws/events/"
 
 
 @pytest.fixture(autouse=True)
@@ -60,16 +65,6 @@ async def connect() -> AsyncIterator[Callable[..., Any]]:
         await communicator.disconnect()
 
 
-def event(topic: str, **payload: Any) -> Event:
-    return Event(type=EventType.CREATED, topic=topic, payload=payload)
-
-
-async def subscribe(ws: WebsocketCommunicator, topic: str, **extra: Any) -> dict[str, Any]:
-    await ws.send_json_to({"type": "subscribe", "topic": topic, **extra})
-    frame: dict[str, Any] = await ws.receive_json_from(timeout=3)
-    return frame
-
-
 async def receive_events_until_subscribed(ws: WebsocketCommunicator) -> tuple[list[dict[str, Any]], Any]:
     """Frames of a subscribe with ``since``: the replayed events, then ``subscribed``."""
     frames = []
@@ -78,19 +73,6 @@ async def receive_events_until_subscribed(ws: WebsocketCommunicator) -> tuple[li
         if frame["type"] == "subscribed":
             return frames, frame
         frames.append(frame)
-
-
-async def expect_error(ws: WebsocketCommunicator, code: str) -> dict[str, Any]:
-    frame: dict[str, Any] = await ws.receive_json_from(timeout=3)
-    assert frame["type"] == "error", frame
-    assert frame["code"] == code, frame
-    assert frame["message"]
-    return frame
-
-
-async def expect_event(ws: WebsocketCommunicator, sent: Event) -> None:
-    frame = await ws.receive_json_from(timeout=3)
-    assert frame == {"type": "event", "event": json.loads(json.dumps(sent.to_dict()))}
 
 
 # -- protocol --------------------------------------------------------------------------------
@@ -366,12 +348,6 @@ async def test_origin_is_checked(settings: Any) -> None:
 
 
 # -- replay with since ------------------------------------------------------------------------------
-
-
-def store(*events: Event) -> list[Event]:
-    for item in events:
-        StoredEvent.from_event(item).save()
-    return list(events)
 
 
 async def test_since_replays_what_was_missed_then_goes_live(users: dict[str, Any], connect: Any) -> None:

@@ -10,19 +10,18 @@ that reconnects with ``since`` must get exactly the events it missed.
 from __future__ import annotations
 
 import asyncio
-import json
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from channels.db import database_sync_to_async as orm
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import ClientConnection
 
 from django_eventbus.models import StoredEvent
 from testproject.inventory.models import Order, Product
+from tests.live_websocket import receive, subscribe, websocket
 from tests.services import require_redis
 from tests.websocket_support import REPO, Stack, make_user, session_cookie, stack_env, wait_for_port
 
@@ -56,39 +55,6 @@ def servers(transactional_db: Any, use_bus: Any, layer_backend: str) -> Iterator
 @pytest.fixture
 def cookie(transactional_db: Any) -> str:
     return session_cookie(make_user("admin", superuser=True))
-
-
-@asynccontextmanager
-async def websocket(port: int, cookie: str) -> AsyncIterator[ClientConnection]:
-    async with connect(
-        f"ws://127.0.0.1:{port}/ws/events/",
-        origin=f"http://127.0.0.1:{port}",  # type: ignore[arg-type]
-        additional_headers={"Cookie": f"sessionid={cookie}"},
-        open_timeout=10,
-    ) as ws:
-        yield ws
-
-
-async def receive(ws: ClientConnection, timeout: float = 10.0) -> dict[str, Any]:
-    frame: dict[str, Any] = json.loads(await asyncio.wait_for(ws.recv(), timeout))
-    return frame
-
-
-async def subscribe(
-    ws: ClientConnection, topic: str, since: str | None = None
-) -> tuple[list[dict[str, Any]], Any]:
-    """Subscribe; returns the replayed event frames and the ``subscribed`` frame."""
-    request: dict[str, Any] = {"type": "subscribe", "topic": topic}
-    if since is not None:
-        request["since"] = since
-    await ws.send(json.dumps(request))
-    replayed = []
-    while True:
-        frame = await receive(ws)
-        if frame["type"] == "subscribed":
-            return replayed, frame
-        assert frame["type"] == "event", frame
-        replayed.append(frame["event"])
 
 
 async def events(ws: ClientConnection, count: int) -> list[dict[str, Any]]:

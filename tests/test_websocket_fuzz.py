@@ -18,8 +18,7 @@ import pytest
 from channels.db import database_sync_to_async
 from channels.testing import WebsocketCommunicator
 
-from tests.test_websocket_consumer import PATH
-from tests.websocket_support import make_user, with_user
+from tests.websocket_support import PATH, make_user, with_user
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

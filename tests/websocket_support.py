@@ -2,6 +2,7 @@
 
 * users with the permissions the authorization tests need;
 * an ASGI wrapper that puts a user in the scope (what ``AuthMiddlewareStack`` does);
+* the protocol steps through a ``WebsocketCommunicator`` (subscribe, expect a frame);
 * real servers in subprocesses (daphne, ``manage.py eventbus_listen``) on the test
   database, with bounded lifetimes: every process is killed by its fixture's finalizer.
 """
@@ -9,6 +10,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -23,11 +25,16 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from channels.testing import WebsocketCommunicator
 from django.db import connection
 
 from django_eventbus.channels.consumer import EventsConsumer
+from django_eventbus.events import Event, EventType
+from django_eventbus.models import StoredEvent
+from tests.services import free_port
 
 REPO = Path(__file__).resolve().parent.parent
+PATH = "/ws/events/"
 
 _consumer_app = EventsConsumer.as_asgi()
 
@@ -66,10 +73,34 @@ def make_user(
     return user_model.objects.get(pk=user.pk)  # fresh: no stale permission cache
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def event(topic: str, **payload: Any) -> Event:
+    return Event(type=EventType.CREATED, topic=topic, payload=payload)
+
+
+def store(*events: Event) -> list[Event]:
+    """Write ``events`` to the event log (what ``since`` replays)."""
+    for item in events:
+        StoredEvent.from_event(item).save()
+    return list(events)
+
+
+async def subscribe(ws: WebsocketCommunicator, topic: str, **extra: Any) -> dict[str, Any]:
+    await ws.send_json_to({"type": "subscribe", "topic": topic, **extra})
+    frame: dict[str, Any] = await ws.receive_json_from(timeout=3)
+    return frame
+
+
+async def expect_error(ws: WebsocketCommunicator, code: str) -> dict[str, Any]:
+    frame: dict[str, Any] = await ws.receive_json_from(timeout=3)
+    assert frame["type"] == "error", frame
+    assert frame["code"] == code, frame
+    assert frame["message"]
+    return frame
+
+
+async def expect_event(ws: WebsocketCommunicator, sent: Event) -> None:
+    frame = await ws.receive_json_from(timeout=3)
+    assert frame == {"type": "event", "event": json.loads(json.dumps(sent.to_dict()))}
 
 
 def database_url() -> str:
