@@ -50,7 +50,22 @@ def check_settings(
     errors += _check_models()
     errors += _check_capture()
     errors += _check_streams()
+    errors += _check_partitions()
     return errors
+
+
+def _check_partitions() -> list[CheckMessage]:
+    value = conf.get("PARTITIONS_PER_LISTENER")
+    if value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        return []
+    return [
+        Error(
+            f"EVENTBUS['PARTITIONS_PER_LISTENER'] is {value!r}, not None or an integer >= 1.",
+            hint="Leave it out (None: each listener takes a fair share of a partitioned "
+            "consumer's partitions) or set a cap such as 2; see docs/consumers.md.",
+            id="django_eventbus.E018",
+        )
+    ]
 
 
 def _check_bus() -> list[CheckMessage]:

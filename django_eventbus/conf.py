@@ -34,6 +34,9 @@ DEFAULTS: dict[str, Any] = {
     # Seconds a durable consumer's owner may go without renewing before a standby takes
     # over (docs/consumers.md); renewed every LEASE_TTL / 3.
     "LEASE_TTL": 5.0,
+    # At most this many partitions of one partitioned consumer per listener process; None:
+    # a fair share, ceil(partitions / listeners running it) (docs/consumers.md).
+    "PARTITIONS_PER_LISTENER": None,
     # Events one transaction keeps in memory for publishing after commit; the rest
     # are published by the relay from the log (docs/guarantees.md).
     "PUBLISH_BUFFER": 10_000,
@@ -175,6 +178,11 @@ class EventBusSettings:
     @property
     def LEASE_TTL(self) -> float:
         return float(self.get("LEASE_TTL"))
+
+    @property
+    def PARTITIONS_PER_LISTENER(self) -> int | None:
+        value = self.get("PARTITIONS_PER_LISTENER")
+        return None if value is None else int(value)
 
     @property
     def ADMIN_WEBSOCKET_URL(self) -> str | None:

@@ -111,6 +111,28 @@ class ConsumerCursor(models.Model):
         return f"{self.name} @ {self.position}"
 
 
+class ConsumerMember(models.Model):
+    """A listener process running a partitioned consumer, while its heartbeat lasts.
+
+    Listeners count the live members of a consumer to take a fair share of its
+    partitions (``ceil(partitions / members)``) and hand over the rest.
+    """
+
+    consumer = models.CharField(max_length=255)
+    #: the listener's "host:pid:random", as in the leases it holds
+    owner = models.CharField(max_length=255)
+    #: the database clock's time after which the member counts as gone
+    expires_at = models.DateTimeField()
+
+    class Meta:
+        db_table = "django_eventbus_member"
+        verbose_name = "consumer member"
+        constraints = [models.UniqueConstraint(fields=["consumer", "owner"], name="eventbus_member_unique")]
+
+    def __str__(self) -> str:
+        return f"{self.consumer}: {self.owner}"
+
+
 class DeadLetter(models.Model):
     """An event a consumer failed to handle after all its retries."""
 

@@ -59,6 +59,12 @@ class Consumer:
     #: Channels forwarder: browsers reload instead). ``handled``: events above ``position``
     #: already handled (live events past a gap).
     skip_backlog: Callable[[int, int], bool] | None = None
+    #: split the consumer in this many partitions, each with its own cursor and lease, so
+    #: up to that many listener processes share its events (:mod:`.partitions`)
+    partitions: int = 1
+    #: ``event -> key`` choosing the partition (default: the row — topic and pk — of model
+    #: events, else the topic); events of one key are handled in commit order
+    key: Callable[[Event], Any] | None = None
 
     @property
     def is_async(self) -> bool:
@@ -83,6 +89,15 @@ def register(item: Consumer) -> Consumer:
         raise ValueError("checkpoint_every must be >= 1")
     if item.checkpoint_interval < 0:
         raise ValueError("checkpoint_interval must be >= 0")
+    if item.partitions < 1:
+        raise ValueError(f"consumer {item.name}: partitions must be >= 1")
+    if item.partitions > 1 and not item.durable:
+        raise ValueError(
+            f"consumer {item.name}: partitions need a durable consumer "
+            "(each partition has a cursor and a lease)"
+        )
+    if item.key is not None and not callable(item.key):
+        raise ValueError(f"consumer {item.name}: key must be a callable event -> key")
     if item.atomic and (item.is_async or not item.durable):
         raise ValueError(
             f"consumer {item.name}: atomic=True needs a durable consumer with a sync handler "
@@ -110,6 +125,8 @@ def consumer(
     checkpoint_every: int = 1000,
     checkpoint_interval: float = 1.0,
     atomic: bool = False,
+    partitions: int = 1,
+    key: Callable[[Event], Any] | None = None,
 ) -> Callable[[F], F]:
     """Decorator: run ``func(event)`` (sync or async) for every event on ``pattern``.
 
@@ -121,6 +138,9 @@ def consumer(
     every ``checkpoint_every`` events or ``checkpoint_interval`` seconds (a crash in
     catch-up may repeat up to that many). ``atomic=True`` (sync handlers) commits the
     handler's database writes and the cursor update together: a crash repeats nothing.
+    ``partitions=N`` splits the consumer by ``key`` (default: the row of model events, else the
+    topic) so that up to N listener processes share it, each key's events in commit order
+    (docs/consumers.md, "Scaling out").
     """
 
     def decorate(func: F) -> F:
@@ -135,6 +155,8 @@ def consumer(
                 checkpoint_every=checkpoint_every,
                 checkpoint_interval=checkpoint_interval,
                 atomic=atomic,
+                partitions=partitions,
+                key=key,
             )
         )
         return func

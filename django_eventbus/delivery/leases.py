@@ -19,6 +19,11 @@ The owner also keeps a local deadline (:class:`Lease.valid`): a process that was
 stopped (SIGSTOP, a long GC pause) past its TTL stops handling as soon as it
 runs again, before its next heartbeat tells it the lease is gone.
 
+Partitioned consumers (:mod:`django_eventbus.delivery.partitions`) lease each partition
+like a consumer. Their listeners also keep a membership row each
+(:class:`~django_eventbus.models.ConsumerMember`: :func:`join`, :func:`members`,
+:func:`leave`) to count each other and take a fair share of the partitions.
+
 On SQLite the same statements work, but one listener is assumed (development).
 """
 
@@ -34,11 +39,23 @@ from datetime import timedelta
 from django.db.models import DateTimeField, ExpressionWrapper, F, Q, Value
 from django.db.models.expressions import CombinedExpression
 from django.db.models.functions import Now
+from django.utils import timezone
 
 from django_eventbus.conf import conf
-from django_eventbus.models import ConsumerCursor
+from django_eventbus.models import ConsumerCursor, ConsumerMember
 
-__all__ = ["Lease", "acquire", "ensure_cursor", "new_owner", "release", "renew", "save_cursor"]
+__all__ = [
+    "Lease",
+    "acquire",
+    "ensure_cursor",
+    "join",
+    "leave",
+    "members",
+    "new_owner",
+    "release",
+    "renew",
+    "save_cursor",
+]
 
 
 def new_owner() -> str:
@@ -127,3 +144,24 @@ def release(name: str, owner: str, generation: int) -> None:
     ConsumerCursor.objects.filter(name=name, owner=owner, generation=generation).update(
         owner="", expires_at=None
     )
+
+
+def join(consumer: str, owner: str) -> None:
+    """Say (again) that listener ``owner`` runs ``consumer``, for ``LEASE_TTL`` from now."""
+    if not ConsumerMember.objects.filter(consumer=consumer, owner=owner).update(expires_at=_expiry()):
+        ConsumerMember.objects.bulk_create(
+            [ConsumerMember(consumer=consumer, owner=owner, expires_at=timezone.now())],
+            ignore_conflicts=True,
+        )
+        ConsumerMember.objects.filter(consumer=consumer, owner=owner).update(expires_at=_expiry())
+
+
+def members(consumer: str) -> int:
+    """How many listeners run ``consumer`` now (expired members are deleted on the way)."""
+    ConsumerMember.objects.filter(consumer=consumer, expires_at__lt=Now()).delete()
+    return ConsumerMember.objects.filter(consumer=consumer).count()
+
+
+def leave(consumer: str, owner: str) -> None:
+    """A clean stop: the other listeners take this one's share at their next count."""
+    ConsumerMember.objects.filter(consumer=consumer, owner=owner).delete()

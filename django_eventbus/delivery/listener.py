@@ -44,6 +44,7 @@ from typing import Any, TypeVar
 
 from asgiref.sync import sync_to_async
 from django.db import connections, transaction
+from django.db.models import Min, Q
 
 from django_eventbus import signals, tracing
 from django_eventbus.conf import conf
@@ -53,7 +54,7 @@ from django_eventbus.events.dispatch import call_handler
 from django_eventbus.events.types import Event, EventType, Subscription
 from django_eventbus.models import ConsumerCursor, DeadLetter, StoredEvent
 
-from . import leases
+from . import leases, partitions
 from .consumers import Consumer
 
 __all__ = ["ConsumerRunner", "LeaseLost", "Listener", "event_from_row", "gap_deadline", "gap_may_fill"]
@@ -103,11 +104,20 @@ class ConsumerRunner:
         batch_size: int = 5000,
         owner: str | None = None,
         lease_executor: ThreadPoolExecutor | None = None,
+        partition: int | None = None,
     ) -> None:
         self.consumer = consumer
         self.persist = persist
+        #: which partition of a partitioned consumer this runner handles (None: all its events)
+        self.partition = partition
+        #: the cursor's and lease's name: the consumer's, or its partition's (``"name#2/4"``)
+        self.name = (
+            consumer.name
+            if partition is None
+            else partitions.cursor_name(consumer.name, partition, consumer.partitions)
+        )
         #: durable consumers are leased: this process handles them only while it owns them
-        self.lease = leases.Lease(consumer.name, owner or leases.new_owner()) if persist else None
+        self.lease = leases.Lease(self.name, owner or leases.new_owner()) if persist else None
         self.lock = asyncio.Lock()
         self.position: int | None = start_after
         self.handled: dict[str, None] = {}  # ordered set: ids handled above position
@@ -127,6 +137,13 @@ class ConsumerRunner:
         self._lease_executor = lease_executor
         #: set by Listener.stop(): catch-up stops before its next event
         self.stopping = False
+
+    def owns(self, event: Event) -> bool:
+        """Whether ``event`` belongs to this runner's partition (every event, unpartitioned)."""
+        if self.partition is None:
+            return True
+        consumer = self.consumer
+        return partitions.partition_of(event, consumer.partitions, consumer.key) == self.partition
 
     def active(self) -> bool:
         """Whether this process handles the consumer now (always, for a consumer with no lease)."""
@@ -150,6 +167,9 @@ class ConsumerRunner:
             return False
         async with self.lock:
             self.lease.held(generation, started)
+            # Live events wait for the catch-up from the loaded cursor, so a backlog is handled
+            # before the events that came after it, in log order (same key: commit order).
+            self.resumed.clear()
             try:
                 await self.load()
             except BaseException:
@@ -157,7 +177,7 @@ class ConsumerRunner:
                 raise
         logger.info(
             "consumer %s: owned by this listener (%s) from position %s, generation %d",
-            self.consumer.name,
+            self.name,
             self.lease.owner,
             self.position,
             generation,
@@ -176,6 +196,12 @@ class ConsumerRunner:
         else:
             self._lost()
 
+    async def hand_over(self) -> None:
+        """Save the cursor and release the lease, for another listener to take (rebalancing)."""
+        async with self.lock:
+            await self.save()
+            await self.release()
+
     async def release(self) -> None:
         lease = self.lease
         if lease is not None and lease.generation is not None:
@@ -190,7 +216,7 @@ class ConsumerRunner:
         logger.warning(
             "consumer %s: lease lost (generation %d; another listener owns it now): "
             "this listener stops handling it and stands by",
-            self.consumer.name,
+            self.name,
             self.lease.generation,
         )
         self.lease.lost()
@@ -201,12 +227,12 @@ class ConsumerRunner:
     async def prepare(self) -> None:
         """Create the cursor row if the consumer is new, so that listeners can lease it."""
         if self.persist:
-            await sync_to_async(_ensure_cursor)(self.consumer.name, self._start_after)
+            await sync_to_async(_ensure_cursor)(self.name, self._start_after, self.consumer.name)
 
     async def load(self) -> None:
         if not self.persist:
             return
-        cursor = await sync_to_async(_load_cursor)(self.consumer.name)
+        cursor = await sync_to_async(_load_cursor)(self.name)
         handled = (cursor.handled or []) if cursor is not None else []
         # --since (start_after) applies to the first acquisition; later ones resume the cursor.
         if self._start_after is not None:
@@ -261,6 +287,8 @@ class ConsumerRunner:
 
     async def on_live(self, event: Event) -> None:
         """Handler subscribed on the bus."""
+        if not self.owns(event):
+            return  # another partition's: the runner of that partition handles it
         await self.resumed.wait()
         # Shielded: stopping the subscription cancels its worker, and an event handled but
         # not yet recorded in the cursor would be handled again by the next owner.
@@ -364,7 +392,7 @@ class ConsumerRunner:
                 return
             logger.warning(
                 "consumer %s skipped its backlog: log ids %d to %d were not handled",
-                self.consumer.name,
+                self.name,
                 self.position + 1,
                 end,
             )
@@ -375,6 +403,12 @@ class ConsumerRunner:
 
     async def catch_up(self) -> int:
         """Handle what the log has after ``position`` that was not handled; returns how many."""
+        try:
+            return await self._catch_up()
+        finally:
+            self.resumed.set()  # live events go on from here, after what the log had
+
+    async def _catch_up(self) -> int:
         if self.position is None or not self.active():
             return 0
         await self._skip_backlog()
@@ -410,7 +444,11 @@ class ConsumerRunner:
     async def _read_batch(self, after: int) -> Batch:
         rows = await sync_to_async(_read_ids)(after, self.batch_size)
         wanted = [r[0] for r in rows if self.consumer.matches(r[2]) and not self.seen(r[1])]
-        return rows, (await sync_to_async(_read_events)(wanted, len(rows)) if wanted else {})
+        events = await sync_to_async(_read_events)(wanted, len(rows)) if wanted else {}
+        if self.partition is not None:
+            # Rows of other partitions count as not matching: the position passes them.
+            events = {row_id: event for row_id, event in events.items() if self.owns(event)}
+        return rows, events
 
     async def _catch_up_rows(
         self, rows: Rows, events: dict[int, Event], deadline: datetime
@@ -473,16 +511,29 @@ class Listener:
         #: this listener's name in the leases it holds: host:pid:random
         self.owner = owner or leases.new_owner()
         self._lease_executor = ThreadPoolExecutor(1, thread_name_prefix="eventbus-lease")
-        self.runners = [
-            ConsumerRunner(
-                c,
-                persist=c.durable and self.catch_up_enabled,
-                start_after=start_after,
-                owner=self.owner,
-                lease_executor=self._lease_executor,
-            )
-            for c in consumers
-        ]
+        self.runners: list[ConsumerRunner] = []
+        #: the runners of each partitioned consumer: its listeners share the partitions
+        self._groups: dict[str, list[ConsumerRunner]] = {}
+        for c in consumers:
+            persist = c.durable and self.catch_up_enabled
+            split = persist and c.partitions > 1
+            group = [
+                ConsumerRunner(
+                    c,
+                    persist=persist,
+                    start_after=start_after,
+                    owner=self.owner,
+                    lease_executor=self._lease_executor,
+                    partition=partition,
+                )
+                for partition in (range(c.partitions) if split else [None])
+            ]
+            self.runners += group
+            if split:
+                self._groups[c.name] = group
+        #: how many partitions of each partitioned consumer this listener may hold now
+        self._shares: dict[str, int] = {}
+        self._joined_at: dict[str, float] = {}
         self._subscriptions: list[Subscription] = []
         self._poller: asyncio.Task[None] | None = None
         self._leaser: asyncio.Task[None] | None = None
@@ -492,10 +543,13 @@ class Listener:
         self._catching_up = asyncio.Lock()
 
     async def start(self) -> None:
+        for name in self._groups:
+            await self._count_members(name, join=True)
         for runner in self.runners:
             if runner.persist:
                 await runner.prepare()
-                await runner.acquire()  # else a standby: the lease loop keeps trying
+                if self._may_take(runner):
+                    await runner.acquire()  # else a standby: the lease loop keeps trying
             elif not (self.catch_up_enabled and runner.position is not None):
                 runner.position = None
             consumer = runner.consumer
@@ -520,7 +574,7 @@ class Listener:
                 try:
                     total += await runner.catch_up()
                 except Exception:
-                    logger.exception("catch-up of consumer %s failed; will retry", runner.consumer.name)
+                    logger.exception("catch-up of consumer %s failed; will retry", runner.name)
             if total:
                 logger.info("caught up %d event(s) from the log", total)
             return total
@@ -535,21 +589,66 @@ class Listener:
             self._pass = asyncio.ensure_future(self.catch_up())
             await asyncio.shield(self._pass)
 
+    # -- partitions: a fair share each ------------------------------------------------
+
+    async def _count_members(self, name: str, *, join: bool) -> None:
+        """Renew this listener's membership (``join``), count the members, set its share."""
+        runner = self._groups[name][0]
+        if join:
+            await runner._lease_call(leases.join, name, self.owner)
+            self._joined_at[name] = time.monotonic()
+        members = max(1, await runner._lease_call(leases.members, name))
+        share = -(-runner.consumer.partitions // members)  # ceil: no partition left over
+        cap = conf.PARTITIONS_PER_LISTENER
+        self._shares[name] = share if cap is None else min(share, cap)
+
+    def _held(self, name: str) -> list[ConsumerRunner]:
+        return [r for r in self._groups[name] if r.lease is not None and r.lease.generation is not None]
+
+    def _may_take(self, runner: ConsumerRunner) -> bool:
+        """Whether this listener may take ``runner``'s lease: always, unless it is a partition
+        and the listener holds its share of the consumer's partitions already."""
+        if runner.partition is None:
+            return True
+        name = runner.consumer.name
+        return len(self._held(name)) < self._shares[name]
+
+    async def _rebalance(self) -> None:
+        """Keep each partitioned consumer's share fair as listeners come and go.
+
+        Members renew every LEASE_TTL / 3 and are counted then; a listener with standby
+        partitions counts at every turn, so it takes a share as soon as another one leaves.
+        Partitions above the share are handed over (cursor saved, lease released) for a
+        listener that holds fewer.
+        """
+        for name, group in self._groups.items():
+            heartbeat = time.monotonic() - self._joined_at.get(name, 0.0) >= conf.LEASE_TTL / 3
+            held = self._held(name)
+            if heartbeat or len(held) < len(group):
+                await self._count_members(name, join=heartbeat)
+            for runner in sorted(held, key=lambda r: r.partition or 0)[self._shares[name] :]:
+                logger.info("consumer %s: handed over to balance the partitions", runner.name)
+                await runner.hand_over()
+
     async def _hold_leases(self) -> None:
         """Owners renew every LEASE_TTL / 3; standbys try to take over every STANDBY_RETRY seconds."""
         leased = [r for r in self.runners if r.lease is not None]
         while True:
             await asyncio.sleep(min(STANDBY_RETRY, conf.LEASE_TTL / 3))
+            try:
+                await self._rebalance()
+            except Exception:
+                logger.exception("partitions: counting the listeners failed")
             for runner in leased:
                 assert runner.lease is not None
                 try:
                     if runner.lease.generation is None:
-                        if await runner.acquire():
+                        if self._may_take(runner) and await runner.acquire():
                             self._wake.set()  # the new owner catches up from the saved cursor now
                     elif time.monotonic() - runner.lease.renewed_at >= conf.LEASE_TTL / 3:
                         await runner.renew()
                 except Exception:
-                    logger.exception("lease of consumer %s: the database call failed", runner.consumer.name)
+                    logger.exception("lease of consumer %s: the database call failed", runner.name)
 
     async def stop(self, timeout: float = 10.0) -> None:
         """Stop taking events, let handlers finish (up to ``timeout``), save cursors, release leases."""
@@ -573,15 +672,19 @@ class Listener:
                 await asyncio.wait_for(runner.lock.acquire(), max(0.0, deadline - time.monotonic()))
             except asyncio.TimeoutError:
                 # Its lease is kept (it expires): a standby must not start while a handler runs.
-                logger.warning("consumer %s still busy at shutdown", runner.consumer.name)
+                logger.warning("consumer %s still busy at shutdown", runner.name)
                 continue
             try:
                 await runner.save()
                 await runner.release()  # a standby takes over at its next try
             except Exception:
-                logger.exception("consumer %s: saving the cursor at shutdown failed", runner.consumer.name)
+                logger.exception("consumer %s: saving the cursor at shutdown failed", runner.name)
             finally:
                 runner.lock.release()
+        for name in self._groups:
+            # The others count one member less at their next turn and take this one's share.
+            with contextlib.suppress(Exception):
+                await _in_thread(self._lease_executor, leases.leave, name, self.owner)
         # The ORM ran in asgiref's thread-sensitive executor and the lease thread: close
         # their connections.
         with contextlib.suppress(RuntimeError):  # at interpreter exit the executors are shut down
@@ -675,11 +778,19 @@ def _save_cursor(name: str, position: int, handled: list[str]) -> None:
         ConsumerCursor.objects.create(name=name, position=position, handled=handled)
 
 
-def _ensure_cursor(name: str, start_after: int | None) -> None:
+def _ensure_cursor(name: str, start_after: int | None, consumer: str | None = None) -> None:
     # A new consumer starts at the end of the log (like a new Kafka group at "latest"): it
-    # does not replay history unless asked (--since).
-    if not ConsumerCursor.objects.filter(name=name).exists():
-        leases.ensure_cursor(name, start_after if start_after is not None else _last_id())
+    # does not replay history unless asked (--since). A new partition of a consumer that ran
+    # before (unpartitioned, or with another number of partitions) starts where the least
+    # advanced of its old cursors stands: events may repeat across the change, none is lost.
+    if ConsumerCursor.objects.filter(name=name).exists():
+        return
+    if start_after is None and consumer is not None and consumer != name:
+        previous = ConsumerCursor.objects.filter(
+            Q(name=consumer) | Q(name__startswith=f"{consumer}#")
+        ).aggregate(position=Min("position"))["position"]
+        start_after = previous
+    leases.ensure_cursor(name, start_after if start_after is not None else _last_id())
 
 
 def _log_id(event_id: str) -> int | None:

@@ -28,8 +28,10 @@ if os.environ.get("EVENTBUS_RECORD_TO"):
     _path = os.environ["EVENTBUS_RECORD_TO"]
     # A slower handler, so a test can kill a process while events are in flight.
     _delay = float(os.environ.get("EVENTBUS_RECORD_DELAY", "0"))
+    # Partitions, for the scale-out tests and benchmark (one partition: unpartitioned).
+    _partitions = int(os.environ.get("EVENTBUS_RECORD_PARTITIONS", "1"))
 
-    @consumer("inventory:*", name="inventory.recorder")
+    @consumer("inventory:*", name="inventory.recorder", partitions=_partitions)
     def record(event: Event) -> None:
         if _delay:
             time.sleep(_delay)

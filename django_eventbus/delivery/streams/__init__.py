@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import zlib
 from collections.abc import Mapping
 from typing import Any, Protocol
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
+from django_eventbus.delivery import partitions as partitions_module
 from django_eventbus.delivery.relay import LogRelay
-from django_eventbus.events.codec import dumps
 from django_eventbus.events.types import Event
 
 __all__ = ["StreamRelay", "StreamSink", "StreamTarget", "parse_target", "partition_of"]
@@ -94,11 +93,15 @@ def parse_target(url: str) -> StreamTarget:
     return StreamTarget(engine="redis-streams", url=engine_url, **options)
 
 
-def partition_of(event: Event, partitions: int) -> int:
-    """The partition of an event: CRC-32 of its key's JSON text, modulo ``partitions``."""
+def stream_key(event: Event) -> Any:
+    """A stream's partition key: the payload's ``pk`` (a row's events in one stream), else the event id."""
     payload = event.payload
-    key = payload["pk"] if isinstance(payload, Mapping) and "pk" in payload else event.event_id
-    return zlib.crc32(dumps(key).encode()) % partitions
+    return payload["pk"] if isinstance(payload, Mapping) and "pk" in payload else event.event_id
+
+
+def partition_of(event: Event, partitions: int) -> int:
+    """The stream partition of an event: CRC-32 of :func:`stream_key`'s JSON text, modulo ``partitions``."""
+    return partitions_module.partition_of(event, partitions, key=stream_key)
 
 
 class StreamSink(Protocol):
