@@ -28,13 +28,12 @@ from django_eventbus.delivery.partitions import cursor_name, partition_of, row_k
 from django_eventbus.events import Event, EventType, create_event_bus
 from django_eventbus.models import ConsumerCursor, ConsumerMember, StoredEvent
 from testproject.inventory.models import Product
-from tests import test_listener
+from tests.listener_processes import env_of_current_bus as _env_of_current_bus
+from tests.listener_processes import start_listener
 from tests.orm import orm
-from tests.test_listener import _env_of_current_bus, await_until, start_listener, wait_until
+from tests.polling import await_until, wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
-bus_kind = test_listener.bus_kind
-shared_database = test_listener.shared_database
 
 
 def model_event(topic: str, pk: Any) -> Event:
