@@ -50,7 +50,7 @@ def setup_django() -> None:
 
 
 def eventbus_setting(mode: str, bus: Any) -> dict[str, Any]:
-    models = {} if mode == "untracked" else {"inventory.Product": {}}
+    models: dict[str, Any] = {} if mode == "untracked" else {"inventory.Product": {}}
     capture = "database" if mode == "database" else "signals"
     return {"BUS": bus, "MODELS": models, "CAPTURE": capture}
 

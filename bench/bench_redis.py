@@ -120,7 +120,7 @@ class Raw:
     async def __aexit__(self, *exc: object) -> None:
         self.reader.cancel()
         await asyncio.gather(self.reader, return_exceptions=True)
-        await self.pubsub.aclose()  # type: ignore[no-untyped-call]
+        await self.pubsub.aclose()
         await self.sub.aclose()
         await self.pub.aclose()
 

@@ -30,15 +30,20 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 from bench_listener import PG_DSN, REDIS_URL, ensure_database, percentile  # noqa: E402  (sets DATABASE_URL)
 
+if TYPE_CHECKING:
+    from redis.typing import KeyT, StreamIdT
+
 PARTITIONS = 4
 TOPIC = "inventory:product"
+# XREADGROUP's reply on a decode_responses client (redis-py's stubs do not know the flag).
+Reply = list[tuple[str, list[tuple[str, dict[str, str]]]]] | None
 
 
 def fill_log(n: int) -> None:
@@ -153,10 +158,10 @@ def _raw_member(prefix: str, group: str, index: int, go: Any, done: Any, counter
     import redis
 
     client = redis.Redis.from_url(REDIS_URL, decode_responses=True)
-    streams = {f"{prefix}:{TOPIC}:{p}": ">" for p in range(PARTITIONS)}
+    streams: dict[KeyT, StreamIdT] = {f"{prefix}:{TOPIC}:{p}": ">" for p in range(PARTITIONS)}
     go.wait()
     while not done.is_set():
-        reply = client.xreadgroup(group, f"m{index}", streams, count=100, block=100)
+        reply = cast(Reply, client.xreadgroup(group, f"m{index}", streams, count=100, block=100))
         for stream, entries in reply or []:
             if entries:
                 client.xack(stream, group, *[entry_id for entry_id, _ in entries])
@@ -192,7 +197,7 @@ def group_throughput(kind: str, prefix: str, processes: int, total: int) -> floa
     done.set()
     for worker in workers:
         worker.join(30)
-    return counter.value / elapsed
+    return float(counter.value / elapsed)
 
 
 # -- save -> stream consumer ---------------------------------------------------------------

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import io
 import json
 import os
 import resource
@@ -40,8 +41,9 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 REPO = Path(__file__).resolve().parent.parent
@@ -170,7 +172,7 @@ class Stack:
         while b"listening on" not in seen:
             if time.monotonic() > deadline or self.processes[0].poll() is not None:
                 raise RuntimeError(f"the listener did not start: {seen.decode(errors='replace')}")
-            seen += self.processes[0].stderr.read1(4096)
+            seen += cast("io.BufferedReader", self.processes[0].stderr).read1(4096)
         for port in self.ports:
             while not reachable(f"http://127.0.0.1:{port}", port):
                 if time.monotonic() > deadline:
@@ -449,7 +451,7 @@ def main() -> None:
     print("=" * 100)
     header = f"{'':34}" + "".join(f"{LAYERS[k].rsplit('.', 1)[1]:>32}" for k in results)
     print(header)
-    rows = [
+    rows: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
         ("baseline group_send, 1 member", lambda r: f"{r['base']['rate']:>14,.0f} msgs/s"),
         ("  baseline latency p50 / p99 (ms)", lambda r: f"{ms(r['base']['p50'])} / {ms(r['base']['p99'])}"),
         (

@@ -10,7 +10,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import pytest
 import redis
@@ -18,7 +18,7 @@ import redis
 from django_eventbus.conf import conf
 from django_eventbus.delivery.consumers import celery_route, get_consumers, register_celery_routes, unregister
 from django_eventbus.delivery.listener import Listener
-from django_eventbus.events import create_event_bus
+from django_eventbus.events import BaseEventBus, create_event_bus
 from django_eventbus.models import StoredEvent
 from testproject.inventory.models import Product
 from tests.orm import orm
@@ -90,7 +90,7 @@ async def test_events_reach_a_celery_task_on_a_real_worker(worker: dict[str, str
     route = celery_route(
         "inventory:product", "testproject.inventory.tasks.record_event", queue=worker["queue"]
     )
-    bus = create_event_bus(conf.bus_config())
+    bus = cast(BaseEventBus, create_event_bus(conf.bus_config()))
     await bus.connect()
     listener = Listener(bus, [route], interval=0.5)
     await listener.start()
@@ -105,7 +105,7 @@ async def test_events_reach_a_celery_task_on_a_real_worker(worker: dict[str, str
         deadline = time.monotonic() + 60
         while client.llen(worker["key"]) < len(products) and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
-        done = [v.decode() for v in client.lrange(worker["key"], 0, -1)]
+        done = [v.decode() for v in cast("list[bytes]", client.lrange(worker["key"], 0, -1))]
     finally:
         client.close()
         await listener.stop()

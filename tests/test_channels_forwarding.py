@@ -130,7 +130,7 @@ def test_checks(settings: Any) -> None:
         "WEBSOCKET_AUTHORIZE": "no.such.function",
         "WEBSOCKET_MAX_SUBSCRIPTIONS": 0,
     }
-    assert sorted(m.id for m in check_channels()) == ["django_eventbus.E101", "django_eventbus.E102"]
+    assert sorted(str(m.id) for m in check_channels()) == ["django_eventbus.E101", "django_eventbus.E102"]
     settings.EVENTBUS = {
         **settings.EVENTBUS,
         "WEBSOCKET_AUTHORIZE": "django_eventbus.channels.auth.default_authorize",
@@ -349,7 +349,7 @@ async def all_group(settings: Any, registered: None) -> AsyncIterator[tuple[Any,
 
 async def received(layer: Any, channel: str) -> list[str]:
     """Event ids of the messages waiting on ``channel``."""
-    ids = []
+    ids: list[str] = []
     while True:
         try:
             message = await asyncio.wait_for(layer.receive(channel), 0.2)

@@ -69,6 +69,8 @@ async def _receive_after_idle(hosts: list[Any], idle: float, prefix: str) -> Any
 
 async def test_the_warning_is_real_and_the_fix_keeps_an_idle_receiver_alive() -> None:
     url = require_redis().rsplit("/", 1)[0] + "/7"
+    broken: object
+    fixed: object
     broken, fixed = await asyncio.gather(
         _receive_after_idle([url], 8, "w102-broken"),
         _receive_after_idle([{"address": url, "socket_timeout": None}], 8, "w102-fixed"),

@@ -70,7 +70,7 @@ async def test_a_connected_client_gets_every_event_once_across_a_listener_restar
                         assert await asyncio.to_thread(listener.process.wait, 15) == 0
                         assert len(got) < RESTART_AT
                         restarted = stack.listener()  # catches up while the saves go on
-                    await orm(lambda i=i: Product.objects.create(name=f"Lamp {i}", stock=i))
+                    await orm(lambda i=i: Product.objects.create(name=f"Lamp {i}", stock=i))  # type: ignore[misc]
                 await wait_for(lambda: len(got) >= SAVES, 60, f"{SAVES} events not received")
                 await asyncio.sleep(1.0)  # a duplicate would arrive in this time
             finally:

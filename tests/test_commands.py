@@ -18,8 +18,8 @@ from django.test.utils import CaptureQueriesContext
 
 from django_eventbus.checks import check_deploy
 from django_eventbus.delivery.consumers import Consumer, register, unregister
+from django_eventbus.events.bus import mask_secret
 from django_eventbus.management.commands.eventbus_prune import delete_in_batches, parse_duration
-from django_eventbus.management.commands.eventbus_status import mask_secret
 from django_eventbus.models import ConsumerCursor, DeadLetter, StoredEvent
 from django_eventbus.testing import capture_events
 

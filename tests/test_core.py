@@ -10,6 +10,7 @@ import pickle
 import subprocess
 import sys
 from datetime import datetime, timedelta, timezone
+from typing import Any
 
 import pytest
 
@@ -51,7 +52,7 @@ def test_event_defaults() -> None:
 
 
 def test_event_is_immutable_and_shares_no_dicts() -> None:
-    payload = {"items": [1, 2], "nested": {"k": "v"}}
+    payload: dict[str, Any] = {"items": [1, 2], "nested": {"k": "v"}}
     event = Event(type=EventType.CREATED, topic="t", payload=payload, metadata={"m": [1]})
     payload["items"].append(3)
     payload["nested"]["k"] = "changed"

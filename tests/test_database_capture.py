@@ -150,6 +150,7 @@ def test_copy_from_another_client_is_captured() -> None:
     assert event.type == "created" and event.payload["fields"]["sku"] == str(sku)
     assert event.payload["fields"]["price"] == "2.50"
     assert event.payload["fields"]["updated_at"] == "2026-01-02T03:04:05+00:00"  # no ".000000", like Python
+    assert event.source is not None
     assert event.source.startswith("postgresql:")  # no application_name: the server process
 
 

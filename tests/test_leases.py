@@ -67,7 +67,7 @@ def test_lease_is_taken_once_renewed_fenced_and_released() -> None:
 
 
 async def test_catch_up_forgets_live_handled_ids_it_passes_and_skips_those_events() -> None:
-    got: list[str] = []
+    got: list[Event] = []
     consumer = Consumer(name=f"t.pass.{uuid.uuid4().hex[:6]}", pattern="inventory:product", func=got.append)
     await asyncio.to_thread(save_products, ["c1", "c2", "c3"])
     rows = await orm(lambda: list(StoredEvent.objects.order_by("id").values_list("id", "event_id")))
@@ -113,6 +113,7 @@ async def test_atomic_consumer_commits_its_writes_with_the_cursor_and_rolls_back
     first = await orm(lambda: StoredEvent.objects.order_by("id").values_list("id", flat=True).first())
     bus: Any = create_event_bus({"backend": "memory"})  # only catch-up is exercised here
     await bus.connect()
+    assert first is not None
     listener = Listener(bus, [consumer], start_after=first - 1, interval=3600)
     await listener.start()
     try:

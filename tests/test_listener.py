@@ -16,7 +16,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import pytest
 
@@ -24,7 +24,7 @@ import django_eventbus
 from django_eventbus.conf import conf
 from django_eventbus.delivery.consumers import Consumer, get_consumers, register, unregister
 from django_eventbus.delivery.listener import Listener
-from django_eventbus.events import Event, EventType, create_event_bus
+from django_eventbus.events import BaseEventBus, Event, EventType, create_event_bus
 from django_eventbus.models import ConsumerCursor, DeadLetter, StoredEvent
 from testproject.inventory.models import Product
 from tests.listener_processes import ROOT, recorded, save_products, start_listener
@@ -61,7 +61,7 @@ def kill_listener_connection(kind: str, name: str) -> int:
 
     client = redis.Redis.from_url(require_redis())
     try:
-        return int(client.execute_command("CLIENT", "KILL", "TYPE", "pubsub"))
+        return int(client.execute_command("CLIENT", "KILL", "TYPE", "pubsub"))  # type: ignore[no-untyped-call]
     finally:
         client.close()
 
@@ -71,7 +71,7 @@ async def test_killed_listener_connection_loses_and_repeats_nothing(bus_kind: st
     name = f"killtest{uuid.uuid4().hex[:6]}"
     seen: list[str] = []
     restored = asyncio.Event()
-    bus = create_event_bus(listener_bus_config(name))
+    bus = cast(BaseEventBus, create_event_bus(listener_bus_config(name)))
     await bus.connect()
     bus.on_connection_restored(restored.set)
     consumer = Consumer(
@@ -146,7 +146,7 @@ raise SystemExit("not reached")
 @pytest.mark.parametrize("bus_kind", ["redis"], indirect=True)
 async def test_publisher_that_dies_between_commit_and_publish(bus_kind: str, shared_database: str) -> None:
     seen: list[Event] = []
-    bus = create_event_bus(conf.bus_config())
+    bus = cast(BaseEventBus, create_event_bus(conf.bus_config()))
     await bus.connect()
     consumer = Consumer(name=f"test.orphan.{uuid.uuid4().hex[:6]}", pattern="inventory:*", func=seen.append)
     listener = Listener(bus, [consumer], interval=0.3)
@@ -199,7 +199,7 @@ async def test_failing_consumer_is_retried_then_dead_lettered_and_others_proceed
         ),
         Consumer(name=f"t.good.{suffix}", pattern="inventory:*", func=lambda e: good.append(e.event_id)),
     ]
-    bus = create_event_bus(conf.bus_config())
+    bus = cast(BaseEventBus, create_event_bus(conf.bus_config()))
     await bus.connect()
     listener = Listener(bus, consumers, interval=0.3)
     await listener.start()

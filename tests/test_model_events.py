@@ -13,7 +13,7 @@ import pytest
 from django.contrib.auth.models import User
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.core.management import call_command
-from django.db import IntegrityError, connection, transaction
+from django.db import IntegrityError, connection, models, transaction
 from django.test import Client
 
 import django_eventbus
@@ -353,6 +353,7 @@ def test_every_field_type_round_trips_through_a_real_bus(
     assert fields["label"] == shipment.label.name and fields["label"].startswith("labels/label")
     for name, value in values.items():
         field = Shipment._meta.get_field(name)
+        assert isinstance(field, models.Field)
         assert field.to_python(fields[name]) == value, name  # parses back to the very value
     # naive datetimes (USE_TZ off code paths) survive too
     assert Shipment._meta.get_field("shipped_at").to_python("2026-03-04T05:06:07") == dt.datetime(

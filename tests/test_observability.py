@@ -9,7 +9,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from django.test import RequestFactory
@@ -23,7 +23,7 @@ from django_eventbus import signals
 from django_eventbus.capture.publishing import make_event, publish
 from django_eventbus.delivery.consumers import Consumer
 from django_eventbus.delivery.listener import Listener
-from django_eventbus.events import Event, EventType, create_event_bus
+from django_eventbus.events import BaseEventBus, Event, EventType, create_event_bus
 from django_eventbus.metrics.prometheus import metrics_view
 from django_eventbus.models import ConsumerCursor, StoredEvent
 from tests.orm import orm
@@ -74,7 +74,7 @@ def sample(name: str, **labels: str) -> float | None:
 
 
 async def run_consumers(consumers: list[Consumer], events: list[Event], done: Callable[[], bool]) -> None:
-    bus = create_event_bus({"backend": "memory"})
+    bus = cast(BaseEventBus, create_event_bus({"backend": "memory"}))
     await bus.connect()
     listener = Listener(bus, consumers, interval=0.2)
     await listener.start()
@@ -127,7 +127,7 @@ async def test_a_receiver_that_raises_breaks_nothing(received: dict[str, list[di
 
     signals.event_handled.connect(explode, weak=False)
     try:
-        seen: list[str] = []
+        seen: list[Event] = []
         consumer = Consumer(
             name=f"obs.{uuid.uuid4().hex[:8]}", pattern="obs:*", func=seen.append, durable=False
         )
@@ -175,7 +175,7 @@ async def test_a_consumers_span_is_a_child_of_the_request_that_made_the_event(
     with tracer.start_as_current_span("POST /products") as request_span:
         event = await orm(lambda: make_event("obs:traced", EventType.UPDATED, {"pk": 1}))
     assert "traceparent" in event.metadata
-    seen: list[str] = []
+    seen: list[Event] = []
     consumer = Consumer(name=f"obs.{uuid.uuid4().hex[:8]}", pattern="obs:*", func=seen.append, durable=False)
     await run_consumers([consumer], [event], lambda: len(seen) == 1)
 

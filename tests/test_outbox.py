@@ -228,7 +228,7 @@ def test_the_writers_memory_does_not_grow_with_the_transaction(
     small: int, large: int, use_bus: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
     use_bus("postgres-django", PUBLISH_BUFFER=500)
-    peaks = {n: peak_memory(lambda n=n: write_one_transaction("creates", n)) for n in (small, large)}
+    peaks = {n: peak_memory(lambda n=n: write_one_transaction("creates", n)) for n in (small, large)}  # type: ignore[misc]
     with capsys.disabled():
         print(f"\nwriter peak (tracemalloc), PUBLISH_BUFFER=500: {peaks}")
     # Five times the events, not five times the memory: only the buffer is kept.
@@ -246,7 +246,7 @@ async def test_a_started_relay_publishes_rows_written_without_a_wake() -> None:
     await relay.start()
     try:
         events = [make_event("ops:polled", payload={"i": i}) for i in range(3)]
-        await orm(lambda: [StoredEvent.from_event(e, relay=True).save() for e in events])
+        await orm(lambda: [StoredEvent.from_event(e, relay=True).save() for e in events])  # type: ignore[func-returns-value]
         await await_until(lambda: len(got) >= 3, timeout=10, what="polled rows published")
     finally:
         await relay.stop()

@@ -170,6 +170,7 @@ async def test_new_partitions_start_where_the_unpartitioned_cursor_stood() -> No
     got: list[str] = []
     await asyncio.to_thread(_save, ["before"])
     position = await orm(lambda: StoredEvent.objects.order_by("-id").values_list("id", flat=True).first())
+    assert position is not None
     await orm(lambda: leases.ensure_cursor(name, position))  # it ran unpartitioned up to here
     await asyncio.to_thread(_save, ["missed-1", "missed-2"])  # logged while no listener ran
     consumer = Consumer(

@@ -427,7 +427,7 @@ async def test_client_kill_pubsub_mid_stream_reconnects_and_resumes(
     admin = server.admin()
     try:
         await wait_for(lambda: len(got) >= 20)
-        killed = await admin.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+        killed = await admin.execute_command("CLIENT", "KILL", "TYPE", "pubsub")  # type: ignore[no-untyped-call]
         assert killed == 1
         await wait_for(lambda: states.restored == 1, what="connection restored")
         after_restore = len(sent)
@@ -452,7 +452,8 @@ async def test_killed_publisher_connections_are_replaced_silently(
     await pub.publish_many([ev("k", i=1), ev("k", i=2)])
     admin = server.admin()
     try:
-        assert await admin.execute_command("CLIENT", "KILL", "TYPE", "normal") >= 2  # both buses' publishers
+        # both buses' publishers
+        assert await admin.execute_command("CLIENT", "KILL", "TYPE", "normal") >= 2  # type: ignore[no-untyped-call]
     finally:
         await admin.aclose()
     with caplog.at_level(logging.WARNING, logger="django_eventbus"):
@@ -657,7 +658,7 @@ async def test_blocking_publisher_replaces_a_connection_the_server_closed(
         await wait_for(lambda: got == [0])
         admin = server.admin()
         try:
-            assert await admin.execute_command("CLIENT", "KILL", "TYPE", "normal") >= 1
+            assert await admin.execute_command("CLIENT", "KILL", "TYPE", "normal") >= 1  # type: ignore[no-untyped-call]
         finally:
             await admin.aclose()
         # As if idle for a while (an idle `timeout` on the server): the EOF is seen before the write.

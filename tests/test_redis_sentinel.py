@@ -14,11 +14,11 @@ import tempfile
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
-from django_eventbus.events import ConnectionState, Event, EventType, create_event_bus
+from django_eventbus.events import BaseEventBus, ConnectionState, Event, EventType, create_event_bus
 from django_eventbus.events.bus import parse_bus_url
 from django_eventbus.events.redis import RedisEventBus, parse_sentinel_url
 from tests.polling import await_until as wait_for
@@ -231,7 +231,7 @@ async def test_listener_catches_up_from_the_log_after_a_failover(
             "publish_timeout": 2.0,  # saves made while no master exists fail over to the log sooner
         },
     }
-    bus = create_event_bus(settings.EVENTBUS["BUS"])
+    bus = cast(BaseEventBus, create_event_bus(settings.EVENTBUS["BUS"]))
     restored: list[bool] = []
     bus.on_connection_restored(lambda: restored.append(True))
     seen: list[str] = []

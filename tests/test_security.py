@@ -31,7 +31,7 @@ async def acl_users() -> AsyncIterator[tuple[str, str]]:
     admin = redis.asyncio.Redis.from_url(url)
     names = {"pub": f"eventbus-pub-{prefix}", "sub": f"eventbus-sub-{prefix}"}
     try:
-        await admin.execute_command(
+        await admin.execute_command(  # type: ignore[no-untyped-call]
             "ACL",
             "SETUSER",
             names["pub"],
@@ -43,7 +43,7 @@ async def acl_users() -> AsyncIterator[tuple[str, str]]:
             "+publish",
             "+ping",
         )
-        await admin.execute_command(
+        await admin.execute_command(  # type: ignore[no-untyped-call]
             "ACL",
             "SETUSER",
             names["sub"],
@@ -63,7 +63,7 @@ async def acl_users() -> AsyncIterator[tuple[str, str]]:
         yield prefix, url
     finally:
         for name in names.values():
-            await admin.execute_command("ACL", "DELUSER", name)
+            await admin.execute_command("ACL", "DELUSER", name)  # type: ignore[no-untyped-call]
         await admin.aclose()
 
 

@@ -17,7 +17,7 @@ import uuid
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import redis
@@ -38,6 +38,8 @@ from tests.polling import await_until, wait_until
 from tests.services import redis_url, require_redis
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.redis, pytest.mark.postgres]
+# XRANGE's reply on a decode_responses client (redis-py's stubs do not know the flag).
+XRange = list[tuple[str, dict[str, str]]]
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -96,7 +98,7 @@ def stream_entries(target: StreamTarget, topic: str) -> dict[int, list[tuple[str
     client = redis.Redis.from_url(target.url, decode_responses=True)
     try:
         return {
-            p: [(i, loads_event(f["event"])) for i, f in client.xrange(target.stream(topic, p))]
+            p: [(i, loads_event(f["event"])) for i, f in cast(XRange, client.xrange(target.stream(topic, p)))]
             for p in range(target.partitions)
         }
     finally:
@@ -231,7 +233,7 @@ def test_10000_saves_with_the_relay_sigkilled_twice_reach_the_streams_once_in_lo
     try:
         writer.start()
         for kill_at in (3000, 6500):
-            wait_until(lambda k=kill_at: relayed() >= k, timeout=60, what=f"{kill_at} entries")
+            wait_until(lambda k=kill_at: relayed() >= k, timeout=60, what=f"{kill_at} entries")  # type: ignore[misc]
             stop(process)  # SIGKILL
             process = start_command(relay_args, shared_database, "relaying the event log")
         writer.join(120)
@@ -299,7 +301,7 @@ def owners(target: StreamTarget, group: str) -> list[str | None]:
     client = redis.Redis.from_url(target.url, decode_responses=True)
     try:
         keys = [f"{target.prefix}:owner:{group}:{target.stream('inventory:product', p)}" for p in range(4)]
-        return list(client.mget(keys))
+        return cast("list[str | None]", client.mget(keys))
     finally:
         client.close()
 
@@ -360,14 +362,14 @@ async def test_two_consumer_processes_one_sigkilled_every_event_handled_in_key_o
     finally:
         for process in processes:
             await asyncio.to_thread(stop, process)
-    lines = [line.split(" ") for line in record.read_text().splitlines()]
-    counts = Counter(event_id for event_id, _, _ in lines)
+    records = [line.split(" ") for line in record.read_text().splitlines()]
+    counts = Counter(event_id for event_id, _, _ in records)
     duplicates = sum(n - 1 for n in counts.values())
     print(f"duplicates: {duplicates} (entries pending on the killed member: {in_flight})")
     assert len(counts) == 2000
     assert duplicates <= in_flight
     by_key: dict[str, list[int]] = defaultdict(list)
-    for _, name, _ in lines:
+    for _, name, _ in records:
         if name != "new":
             key, n = name.split(":")
             by_key[key].append(int(n))
@@ -453,6 +455,7 @@ def test_stream_settings_are_checked(setting: dict[str, Any]) -> None:
 
     with override_settings(EVENTBUS=setting):
         [error] = check_settings()
+    assert error.hint is not None
     assert error.id == "django_eventbus.E017" and "docs/streams.md" in error.hint
     with override_settings(EVENTBUS={"STREAMS": "redis-streams://h/0?partitions=2", "STREAM_CLAIM_IDLE": 5}):
         assert check_settings() == []

@@ -67,7 +67,7 @@ async def connect() -> AsyncIterator[Callable[..., Any]]:
 
 async def receive_events_until_subscribed(ws: WebsocketCommunicator) -> tuple[list[dict[str, Any]], Any]:
     """Frames of a subscribe with ``since``: the replayed events, then ``subscribed``."""
-    frames = []
+    frames: list[dict[str, Any]] = []
     while True:
         frame = await ws.receive_json_from(timeout=3)
         if frame["type"] == "subscribed":

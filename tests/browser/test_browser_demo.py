@@ -114,7 +114,8 @@ def test_the_home_page_loads_without_console_errors_or_failed_requests(demo_serv
     assert browser is not None
     fresh = browser.new_context()
     try:
-        fresh.add_cookies(page.context.cookies())
+        # The stubs type cookies() and add_cookies() with two TypedDicts; the one is the other's input.
+        fresh.add_cookies(page.context.cookies())  # type: ignore[arg-type]
         home = fresh.new_page()
         errors: list[str] = []
         home.on(
