@@ -148,6 +148,7 @@ def release(name: str, owner: str, generation: int) -> None:
 
 def join(consumer: str, owner: str) -> None:
     """Say (again) that listener ``owner`` runs ``consumer``, for ``LEASE_TTL`` from now."""
+    ConsumerMember.objects.filter(consumer=consumer, expires_at__lt=Now()).delete()  # the departed
     if not ConsumerMember.objects.filter(consumer=consumer, owner=owner).update(expires_at=_expiry()):
         ConsumerMember.objects.bulk_create(
             [ConsumerMember(consumer=consumer, owner=owner, expires_at=timezone.now())],
@@ -157,9 +158,8 @@ def join(consumer: str, owner: str) -> None:
 
 
 def members(consumer: str) -> int:
-    """How many listeners run ``consumer`` now (expired members are deleted on the way)."""
-    ConsumerMember.objects.filter(consumer=consumer, expires_at__lt=Now()).delete()
-    return ConsumerMember.objects.filter(consumer=consumer).count()
+    """How many listeners run ``consumer`` now (one read; :func:`join` deletes the expired)."""
+    return ConsumerMember.objects.filter(consumer=consumer, expires_at__gte=Now()).count()
 
 
 def leave(consumer: str, owner: str) -> None:

@@ -25,8 +25,10 @@ matches no row means the lease was lost, and the runner stops handling at once.
 
 The cursor is saved after every live event, and during catch-up every
 ``checkpoint_every`` events or ``checkpoint_interval`` seconds (1,000 / 1 s by
-default): a crash repeats at most the event in flight, or that window of a
-catch-up. ``atomic=True`` consumers commit the cursor in the handler's transaction.
+default) — or after each event when the batch read is shorter than that (the head of
+the log, events the live path lagged behind or lost a moment ago): a crash repeats at
+most the event in flight, or that window of a longer backlog. ``atomic=True``
+consumers commit the cursor in the handler's transaction.
 """
 
 from __future__ import annotations
@@ -459,6 +461,10 @@ class ConsumerRunner:
         expected = self.position + 1
         blocked = False
         total = unsaved = 0
+        # A batch shorter than a checkpoint is the head of the log: events the live path
+        # lagged behind or lost a moment ago. Save after each, as the live path does, so a
+        # crash repeats none of them; a longer backlog is saved every checkpoint.
+        head = len(rows) < consumer.checkpoint_every
         for row_id, event_id, _topic, timestamp in rows:
             if row_id <= self.position:
                 continue  # the live path moved past it while the batch was read
@@ -485,6 +491,7 @@ class ConsumerRunner:
             if unsaved and (
                 unsaved >= consumer.checkpoint_every
                 or time.monotonic() - self._saved_at >= consumer.checkpoint_interval
+                or head
             ):
                 # A crash in catch-up handles again at most what was handled since this save.
                 await self.save()
