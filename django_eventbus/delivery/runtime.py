@@ -182,23 +182,23 @@ class BusRunner:
         """Publish from sync code without waiting for the transport (unless ``wait``).
 
         The caller's commit is done; waiting for a network round trip would only slow
-        the request. Events go to an outbox that one task on the bus loop drains, in
-        order, in batches (one wake-up and one ``publish_many`` for whatever piled up,
-        rather than a task per commit). Failures are logged (the event log has the
-        events). Past ``MAX_PENDING`` queued events the caller waits, so a slow or dead
-        transport pushes back instead of growing memory without bound.
+        the request. Events go to one outbox, sent in order and in batches (whatever
+        piled up) by one sender at a time: the calling thread itself when the backend
+        has a blocking publisher (see :meth:`_send_here`), else a task on the bus loop.
+        The outbox's lock is only held to add or take events, never across network
+        I/O. Failures are logged (the event log has the events). Past ``MAX_PENDING``
+        queued events the caller waits, so a slow or dead transport pushes back
+        instead of growing memory without bound.
         """
         if self._closed:
             raise RuntimeError("the event bus runner was closed")
-        if self._blocking is not None and not wait and self._publish_blocking(events):
-            return
         with self._outbox_changed:
             self._outbox.extend(events)
             self._queued += len(events)
             target = self._queued
             start = not self._draining
             self._draining = True
-        if start:
+        if start and (wait or not self._send_here()):
             self._loop.call_soon_threadsafe(self._start_drain)
         if self.in_runner_thread() or _loop_running_here():
             return
@@ -208,31 +208,40 @@ class BusRunner:
             elif len(self._outbox) > MAX_PENDING:
                 self._outbox_changed.wait_for(lambda: len(self._outbox) <= MAX_PENDING, conf.PUBLISH_TIMEOUT)
 
-    def _publish_blocking(self, events: list[Event]) -> bool:
-        """Write ``events`` to the transport from this thread, if the backend can; True if done.
+    def _send_here(self) -> bool:
+        """Send the outbox from this thread with the blocking publisher; False: the loop must.
 
+        Called by the thread that became the sender (so nothing overtakes what is queued).
         A hand-off to the loop thread costs more CPU than the publish itself (see
-        events/redis_blocking.py). Only while the outbox is empty, so an event never
-        overtakes one queued before it; after a failure the outbox path (which
-        retries) carries the events, and this one is tried again a second later.
+        events/redis_blocking.py). One batch only: what other threads add meanwhile
+        goes to the loop, so no request thread keeps sending for others. After a
+        failure the batch goes back to the front of the outbox and the loop's drain,
+        which retries, carries it; this path is tried again a second later.
         """
-        if self.in_runner_thread() or time.monotonic() < self._blocking_retry_at:
+        if self._blocking is None or self.in_runner_thread() or time.monotonic() < self._blocking_retry_at:
             return False
         with self._outbox_changed:
-            if self._outbox or self._draining:
-                return False
-            started = time.perf_counter()
-            try:
-                with tracing.publish_span(events):
-                    self._blocking.publish_many(events)
-            except Exception as exc:
-                self._blocking_retry_at = time.monotonic() + 1.0
-                logger.warning("blocking publish failed (%s); using the bus's own connection", exc)
-                return False
-            self._queued += len(events)
-            self._sent += len(events)
-        signals.published(events, time.perf_counter() - started)
-        return True
+            batch = list(self._outbox)
+            self._outbox.clear()
+        started = time.perf_counter()
+        try:
+            with tracing.publish_span(batch):
+                self._blocking.publish_many(batch)
+        except Exception as exc:
+            self._blocking_retry_at = time.monotonic() + 1.0
+            logger.warning("blocking publish failed (%s); using the bus's own connection", exc)
+            with self._outbox_changed:
+                self._outbox.extendleft(reversed(batch))
+            return False
+        signals.published(batch, time.perf_counter() - started)
+        with self._outbox_changed:
+            self._sent += len(batch)
+            if self._outbox:
+                more = True
+            else:
+                more = self._draining = False
+            self._outbox_changed.notify_all()
+        return not more
 
     def _start_drain(self) -> None:
         task = self._loop.create_task(self._drain())
