@@ -64,10 +64,6 @@ class BusRunner:
         self._closed = False
         self._pending: set[concurrent.futures.Future[Any]] = set()
         self._lock = threading.Lock()
-        # The bus's publisher for sync threads, if its backend has one (Redis), and when
-        # to try it again after it failed.
-        self._blocking: Any = None
-        self._blocking_retry_at = 0.0
         self._thread.start()
         self._started.wait()
 
@@ -100,9 +96,6 @@ class BusRunner:
             bus: BaseEventBus = create_event_bus(self.config)  # type: ignore[assignment]
             await bus.connect()
             self._bus = bus
-            make_blocking = getattr(bus, "blocking_publisher", None)
-            if make_blocking is not None:
-                self._blocking = make_blocking()
             if bus.backend_name == "memory":
                 # Development: no listener process sees a memory bus, so the registered
                 # consumers (and the Channels forwarder) run here, on this loop.
@@ -182,13 +175,12 @@ class BusRunner:
         """Publish from sync code without waiting for the transport (unless ``wait``).
 
         The caller's commit is done; waiting for a network round trip would only slow
-        the request. Events go to one outbox, sent in order and in batches (whatever
-        piled up) by one sender at a time: the calling thread itself when the backend
-        has a blocking publisher (see :meth:`_send_here`), else a task on the bus loop.
-        The outbox's lock is only held to add or take events, never across network
-        I/O. Failures are logged (the event log has the events). Past ``MAX_PENDING``
-        queued events the caller waits, so a slow or dead transport pushes back
-        instead of growing memory without bound.
+        the request. Events go to an outbox that one task on the bus loop drains, in
+        order, in batches (one wake-up and one ``publish_many`` for whatever piled up,
+        rather than a task per commit). The outbox's lock is only held to add or take
+        events, never across network I/O. Failures are logged (the event log has the
+        events). Past ``MAX_PENDING`` queued events the caller waits, so a slow or dead
+        transport pushes back instead of growing memory without bound.
         """
         if self._closed:
             raise RuntimeError("the event bus runner was closed")
@@ -198,7 +190,7 @@ class BusRunner:
             target = self._queued
             start = not self._draining
             self._draining = True
-        if start and (wait or not self._send_here()):
+        if start:
             self._loop.call_soon_threadsafe(self._start_drain)
         if self.in_runner_thread() or _loop_running_here():
             return
@@ -207,41 +199,6 @@ class BusRunner:
                 self._outbox_changed.wait_for(lambda: self._sent >= target, conf.PUBLISH_TIMEOUT)
             elif len(self._outbox) > MAX_PENDING:
                 self._outbox_changed.wait_for(lambda: len(self._outbox) <= MAX_PENDING, conf.PUBLISH_TIMEOUT)
-
-    def _send_here(self) -> bool:
-        """Send the outbox from this thread with the blocking publisher; False: the loop must.
-
-        Called by the thread that became the sender (so nothing overtakes what is queued).
-        A hand-off to the loop thread costs more CPU than the publish itself (see
-        events/redis_blocking.py). One batch only: what other threads add meanwhile
-        goes to the loop, so no request thread keeps sending for others. After a
-        failure the batch goes back to the front of the outbox and the loop's drain,
-        which retries, carries it; this path is tried again a second later.
-        """
-        if self._blocking is None or self.in_runner_thread() or time.monotonic() < self._blocking_retry_at:
-            return False
-        with self._outbox_changed:
-            batch = list(self._outbox)
-            self._outbox.clear()
-        started = time.perf_counter()
-        try:
-            with tracing.publish_span(batch):
-                self._blocking.publish_many(batch)
-        except Exception as exc:
-            self._blocking_retry_at = time.monotonic() + 1.0
-            logger.warning("blocking publish failed (%s); using the bus's own connection", exc)
-            with self._outbox_changed:
-                self._outbox.extendleft(reversed(batch))
-            return False
-        signals.published(batch, time.perf_counter() - started)
-        with self._outbox_changed:
-            self._sent += len(batch)
-            if self._outbox:
-                more = True
-            else:
-                more = self._draining = False
-            self._outbox_changed.notify_all()
-        return not more
 
     def _start_drain(self) -> None:
         task = self._loop.create_task(self._drain())
@@ -290,8 +247,6 @@ class BusRunner:
         self._closed = True
 
         async def shutdown() -> None:
-            if self._blocking is not None:
-                self._blocking.close()
             if self._listener is not None:
                 await self._listener.stop(timeout)
             if self._bus is not None:
