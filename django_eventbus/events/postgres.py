@@ -290,21 +290,13 @@ class PostgresEventBus(BaseEventBus):
 
     async def _open_listener(self) -> AsyncConn:
         conn = await self._open("listen")
-
-        def handler(notify: psycopg.Notify) -> None:
-            self._receive(notify.payload)
-
-        # Notifications that arrive with the LISTEN reply are read by execute(): a handler
-        # takes them, and goes before notifies() reads the rest (psycopg warns about mixing
-        # the two, and older versions keep no backlog for notifies()).
-        conn.add_notify_handler(handler)
+        # Notifications psycopg reads while it runs LISTEN come here, not into its backlog.
+        conn.add_notify_handler(lambda notify: self._receive(notify.payload))
         try:
             await conn.execute(self._listen_sql)
         except BaseException:
             await _close_quietly(conn)
             raise
-        finally:
-            conn.remove_notify_handler(handler)
         return conn
 
     async def _start_listener(self) -> None:
@@ -321,16 +313,44 @@ class PostgresEventBus(BaseEventBus):
 
     async def _read(self, conn: AsyncConn | None) -> None:
         """Read notifications until close(); reconnect whenever the connection fails."""
+        loop = asyncio.get_running_loop()
         while conn is not None:
+            lost: asyncio.Future[Exception] = loop.create_future()
+            fd = conn.fileno()
+            loop.add_reader(fd, self._on_readable, conn, conn.info.encoding, lost)
             try:
-                async for notify in conn.notifies():
-                    self._receive(notify.payload)
-            # Gone (EOF, reset, terminated); or, only with a client_encoding other than the
-            # default, a payload that does not decode: a new connection goes on after it.
-            except (psycopg.Error, UnicodeDecodeError) as exc:
-                logger.warning("postgres event bus: listener connection failed: %s", exc)
+                self._on_readable(conn, conn.info.encoding, lost)  # input that came with the LISTEN reply
+                exc = await lost
+            finally:
+                loop.remove_reader(fd)
+            logger.warning("postgres event bus: listener connection failed: %s", exc)
             await _close_quietly(conn)
             conn = await self._reconnect_listener()
+
+    def _on_readable(self, conn: AsyncConn, encoding: str, lost: asyncio.Future[Exception]) -> None:
+        # libpq's documented pattern for notifications on an idle connection (wait for the
+        # socket, PQconsumeInput, PQnotifies), run from the loop's reader callback: unlike
+        # psycopg's notifies() generator it needs no task switch, future, timer or
+        # add/remove_reader per wake-up: notifies() was measured slower on bursts of
+        # notifications (bench/README.md, "One path per job"). No command ever runs on
+        # this connection after LISTEN, so going around psycopg's connection lock is safe.
+        if lost.done():
+            return
+        pgconn = conn.pgconn
+        try:
+            pgconn.consume_input()
+        except psycopg.Error as exc:  # the connection is gone (EOF, reset, terminated)
+            lost.set_result(exc)
+            return
+        payloads = []
+        while (notify := pgconn.notifies()) is not None:
+            payloads.append(notify.extra)
+        if payloads:
+            # Decode on the next loop iteration, not in this callback: a publisher on the
+            # same loop whose reply arrived together with these notifications sends its
+            # next command first, and decoding overlaps with the server's work (decoding
+            # right here was measurably slower in bench/bench_postgres.py).
+            asyncio.get_running_loop().call_soon(self._receive_all, payloads, encoding)
 
     async def _reconnect_listener(self) -> AsyncConn | None:
         """A new listening connection, or None once the bus is closed."""
@@ -364,6 +384,15 @@ class PostgresEventBus(BaseEventBus):
         raise AssertionError("backoff_delays() is endless")  # pragma: no cover
 
     # -- receiving -------------------------------------------------------------
+
+    def _receive_all(self, payloads: list[bytes], encoding: str) -> None:
+        for payload in payloads:
+            try:
+                text = payload.decode(encoding)
+            except UnicodeDecodeError as exc:  # only if the connection string set another client_encoding
+                self._invalid(f"cannot decode the payload as {encoding}: {exc}")
+                continue
+            self._receive(text)
 
     def _receive(self, payload: str) -> None:
         if payload.startswith(_CHUNK_MARK):
