@@ -436,31 +436,3 @@ def test_callbacks_run_by_hand_still_write_the_log(django_capture_on_commit_call
         assert StoredEvent.objects.filter(payload__fields__name="in a TestCase").count() == 1
         transaction.set_rollback(True)
     assert not StoredEvent.objects.exists()
-
-
-@pytest.mark.redis
-def test_redis_publish_falls_back_to_the_bus_loop_when_the_direct_path_fails(
-    use_bus: Any, caplog: pytest.LogCaptureFixture
-) -> None:
-    import redis.exceptions
-
-    from django_eventbus.delivery.runtime import get_runner
-
-    use_bus("redis")
-    runner = get_runner()
-    runner.bus  # noqa: B018 - connect, which sets up the direct (blocking) publisher
-    blocking = runner._blocking
-    assert blocking is not None
-
-    def refuse() -> Any:
-        raise redis.exceptions.ConnectionError("refused (test)")
-
-    blocking.close()
-    blocking._connect = refuse
-    with capture_events("inventory:*") as events, caplog.at_level("WARNING", logger="django_eventbus"):
-        for name in ["one", "two", "three"]:
-            with transaction.atomic():
-                Product.objects.create(name=name)
-        events.wait_for(3)
-    assert [e.payload["fields"]["name"] for e in events] == ["one", "two", "three"]
-    assert any("blocking publish failed" in r.getMessage() for r in caplog.records)

@@ -23,7 +23,6 @@ from django_eventbus.events.bus import parse_bus_url
 from django_eventbus.events.redis import RedisEventBus, parse_sentinel_url
 from tests.polling import await_until as wait_for
 from tests.polling import await_until_async as wait_for_async
-from tests.polling import returns
 from tests.redis_servers import RedisServer
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
@@ -170,43 +169,6 @@ async def test_bus_follows_a_sentinel_failover(
         async with asyncio.timeout(2):  # bounded, even with the old master gone for good
             await subscriber.close()
             await publisher.close()
-
-
-async def test_blocking_publisher_follows_a_sentinel_failover(
-    topology: tuple[RedisServer, RedisServer, SentinelServer],
-) -> None:
-    master, replica, sentinel = topology
-    prefix = f"t{uuid.uuid4().hex[:10]}"
-    bus = RedisEventBus(sentinels=[("127.0.0.1", sentinel.port)], service_name=SERVICE, channel_prefix=prefix)
-    got: list[int] = []
-    restored: list[bool] = []
-    bus.on_connection_restored(lambda: restored.append(True))
-    await bus.connect()
-    blocking = bus.blocking_publisher()
-    try:
-        await bus.subscribe("failover", lambda event: got.append(event.payload["n"]))
-        await asyncio.to_thread(blocking.publish_many, [ev(1), ev(2)])
-        await wait_for(lambda: got == [1, 2], what="events from the blocking publisher")
-
-        master.kill()
-        admin = sentinel.admin()
-        try:
-            promoted = (b"127.0.0.1", replica.port)
-            await wait_for_async(
-                lambda: returns(lambda: admin.sentinel_get_master_addr_by_name(SERVICE), promoted),
-                timeout=FAILOVER_DEADLINE,
-                what="the replica promoted",
-            )
-        finally:
-            await admin.aclose()
-        await wait_for(lambda: restored == [True], timeout=FAILOVER_DEADLINE, what="subscriber restored")
-        # Its connection to the dead master is replaced (asking the sentinel) before the write.
-        await asyncio.to_thread(blocking.publish_many, [ev(3)])
-        await wait_for(lambda: got == [1, 2, 3], what="the event after the failover")
-    finally:
-        blocking.close()
-        async with asyncio.timeout(2):
-            await bus.close()
 
 
 @pytest.mark.django_db(transaction=True)

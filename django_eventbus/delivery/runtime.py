@@ -64,10 +64,6 @@ class BusRunner:
         self._closed = False
         self._pending: set[concurrent.futures.Future[Any]] = set()
         self._lock = threading.Lock()
-        # The bus's publisher for sync threads, if its backend has one (Redis), and when
-        # to try it again after it failed.
-        self._blocking: Any = None
-        self._blocking_retry_at = 0.0
         self._thread.start()
         self._started.wait()
 
@@ -100,9 +96,6 @@ class BusRunner:
             bus: BaseEventBus = create_event_bus(self.config)  # type: ignore[assignment]
             await bus.connect()
             self._bus = bus
-            make_blocking = getattr(bus, "blocking_publisher", None)
-            if make_blocking is not None:
-                self._blocking = make_blocking()
             if bus.backend_name == "memory":
                 # Development: no listener process sees a memory bus, so the registered
                 # consumers (and the Channels forwarder) run here, on this loop.
@@ -184,14 +177,13 @@ class BusRunner:
         The caller's commit is done; waiting for a network round trip would only slow
         the request. Events go to an outbox that one task on the bus loop drains, in
         order, in batches (one wake-up and one ``publish_many`` for whatever piled up,
-        rather than a task per commit). Failures are logged (the event log has the
+        rather than a task per commit). The outbox's lock is only held to add or take
+        events, never across network I/O. Failures are logged (the event log has the
         events). Past ``MAX_PENDING`` queued events the caller waits, so a slow or dead
         transport pushes back instead of growing memory without bound.
         """
         if self._closed:
             raise RuntimeError("the event bus runner was closed")
-        if self._blocking is not None and not wait and self._publish_blocking(events):
-            return
         with self._outbox_changed:
             self._outbox.extend(events)
             self._queued += len(events)
@@ -207,32 +199,6 @@ class BusRunner:
                 self._outbox_changed.wait_for(lambda: self._sent >= target, conf.PUBLISH_TIMEOUT)
             elif len(self._outbox) > MAX_PENDING:
                 self._outbox_changed.wait_for(lambda: len(self._outbox) <= MAX_PENDING, conf.PUBLISH_TIMEOUT)
-
-    def _publish_blocking(self, events: list[Event]) -> bool:
-        """Write ``events`` to the transport from this thread, if the backend can; True if done.
-
-        A hand-off to the loop thread costs more CPU than the publish itself (see
-        events/redis_blocking.py). Only while the outbox is empty, so an event never
-        overtakes one queued before it; after a failure the outbox path (which
-        retries) carries the events, and this one is tried again a second later.
-        """
-        if self.in_runner_thread() or time.monotonic() < self._blocking_retry_at:
-            return False
-        with self._outbox_changed:
-            if self._outbox or self._draining:
-                return False
-            started = time.perf_counter()
-            try:
-                with tracing.publish_span(events):
-                    self._blocking.publish_many(events)
-            except Exception as exc:
-                self._blocking_retry_at = time.monotonic() + 1.0
-                logger.warning("blocking publish failed (%s); using the bus's own connection", exc)
-                return False
-            self._queued += len(events)
-            self._sent += len(events)
-        signals.published(events, time.perf_counter() - started)
-        return True
 
     def _start_drain(self) -> None:
         task = self._loop.create_task(self._drain())
@@ -281,8 +247,6 @@ class BusRunner:
         self._closed = True
 
         async def shutdown() -> None:
-            if self._blocking is not None:
-                self._blocking.close()
             if self._listener is not None:
                 await self._listener.stop(timeout)
             if self._bus is not None:

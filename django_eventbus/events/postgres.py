@@ -331,9 +331,9 @@ class PostgresEventBus(BaseEventBus):
         # libpq's documented pattern for notifications on an idle connection (wait for the
         # socket, PQconsumeInput, PQnotifies), run from the loop's reader callback: unlike
         # psycopg's notifies() generator it needs no task switch, future, timer or
-        # add/remove_reader per wake-up (~15% more awaited-publish throughput in
-        # bench/bench_postgres.py). No command ever runs on this connection after LISTEN,
-        # so going around psycopg's connection lock is safe.
+        # add/remove_reader per wake-up: notifies() was measured slower on bursts of
+        # notifications (bench/README.md, "One path per job"). No command ever runs on
+        # this connection after LISTEN, so going around psycopg's connection lock is safe.
         if lost.done():
             return
         pgconn = conn.pgconn
@@ -349,7 +349,7 @@ class PostgresEventBus(BaseEventBus):
             # Decode on the next loop iteration, not in this callback: a publisher on the
             # same loop whose reply arrived together with these notifications sends its
             # next command first, and decoding overlaps with the server's work (decoding
-            # right here cost ~20% of awaited-publish throughput in bench/bench_postgres.py).
+            # right here was measurably slower in bench/bench_postgres.py).
             asyncio.get_running_loop().call_soon(self._receive_all, payloads, encoding)
 
     async def _reconnect_listener(self) -> AsyncConn | None:

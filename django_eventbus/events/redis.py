@@ -49,7 +49,6 @@ from .base import BaseEventBus, ConnectionState
 from .codec import dumps_event, loads_event
 from .dispatch import Delivery
 from .errors import BusClosedError, EventBusError
-from .redis_blocking import BlockingPublisher
 from .types import Event
 
 __all__ = ["RedisConnectionError", "RedisEventBus", "parse_sentinel_url", "redis_glob"]
@@ -78,14 +77,6 @@ _PERMANENT = (redis.exceptions.AuthenticationError, redis.exceptions.Authorizati
 
 class RedisConnectionError(EventBusError, ConnectionError):
     """Redis could not be reached (at ``connect``, or by ``publish`` within ``publish_timeout``)."""
-
-
-# redis-py's blocking twin of each asyncio connection class the bus may use.
-_BLOCKING_CONNECTION_CLASSES: dict[type, Callable[..., redis.connection.AbstractConnection]] = {
-    Connection: redis.connection.Connection,
-    SSLConnection: redis.connection.SSLConnection,
-    UnixDomainSocketConnection: redis.connection.UnixDomainSocketConnection,
-}
 
 
 def parse_sentinel_url(url: str) -> tuple[list[tuple[str, int]], str, str, str | None]:
@@ -188,8 +179,8 @@ class RedisEventBus(BaseEventBus):
 
     * ``sentinels`` -- ``[(host, port), …]`` of the sentinels; ``service_name`` -- the
       master's name in their ``sentinel monitor`` line. Every new connection (subscriber,
-      publishers, the blocking publisher) asks the sentinels for the current master, so the
-      reconnect after a failover reaches the promoted replica.
+      publishers) asks the sentinels for the current master, so the reconnect after a
+      failover reaches the promoted replica.
     * ``sentinel_password`` -- the sentinels' ``requirepass``, if any (``password`` is the
       master's); ``sentinel_kwargs`` -- more redis-py options for the sentinel connections
       (their timeouts default to ``connect_timeout``). TLS is not supported with sentinels.
@@ -392,33 +383,6 @@ class RedisEventBus(BaseEventBus):
         if self.sentinels is not None:
             raise BusClosedError("the redis event bus is not connected")
         return self.connection_class(**self.connection_kwargs)
-
-    def blocking_publisher(self) -> BlockingPublisher:
-        """A publisher for threads without an event loop, on its own connection (see redis_blocking).
-
-        Same server, credentials and channels as this bus; it counts in ``stats.published``.
-        A write is bounded by ``publish_timeout``.
-        """
-        kwargs = {**self.connection_kwargs, "socket_timeout": self.publish_timeout}
-        sync_class: Callable[..., redis.connection.AbstractConnection]
-        if self.sentinels is not None:
-            # redis-py's blocking twins: each new connection asks the sentinels for the master.
-            sentinel = redis.sentinel.Sentinel(self.sentinels, sentinel_kwargs=self.sentinel_kwargs)  # type: ignore[no-untyped-call, unused-ignore]
-            pool = redis.sentinel.SentinelConnectionPool(self.service_name, sentinel)  # type: ignore[no-untyped-call]
-            sync_class = functools.partial(redis.sentinel.SentinelManagedConnection, connection_pool=pool)
-        else:
-            sync_class = _BLOCKING_CONNECTION_CLASSES[self.connection_class]
-
-        def count(n: int) -> None:
-            self.stats.published += n
-
-        return BlockingPublisher(
-            lambda: sync_class(**kwargs),
-            self.channel_prefix,
-            self._check_publish,
-            count,
-            RedisConnectionError,
-        )
 
     async def _open_subscriber(self) -> None:
         """Connect the subscriber, start its reader and (re)subscribe to everything the table needs."""
