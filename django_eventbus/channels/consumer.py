@@ -52,8 +52,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import fnmatch
-import re
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -65,12 +63,12 @@ from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django_eventbus.conf import conf
 from django_eventbus.events import Event
 from django_eventbus.events.codec import dumps, loads
-from django_eventbus.events.dispatch import topic_matches
+from django_eventbus.events.topics import is_pattern, literal_head, pattern_error, topic_matches
 from django_eventbus.models import StoredEvent
 
 from .auth import may_see, may_subscribe
 from .forwarding import note_server_loop
-from .groups import is_pattern, literal_head, subscription_group, user_group
+from .groups import subscription_group, user_group
 
 __all__ = ["CLOSE_REVOKED", "CLOSE_TOO_MANY_CONNECTIONS", "EventsConsumer"]
 
@@ -137,28 +135,6 @@ class _Subscription:
         return topic_matches(self.topic, topic) if self.pattern else topic == self.topic
 
 
-def _pattern_problem(pattern: str) -> str | None:
-    """Why an fnmatch pattern is malformed, or ``None``."""
-    # fnmatch would quietly read an unclosed "[" as a literal; a client that wrote one
-    # more likely made a mistake, so say so (same scan as fnmatch.translate's).
-    index = pattern.find("[")
-    while index >= 0:
-        start = index + 1
-        if pattern[start : start + 1] == "!":
-            start += 1
-        if pattern[start : start + 1] == "]":
-            start += 1
-        end = pattern.find("]", start)
-        if end < 0:
-            return "an unclosed '[' in the pattern"
-        index = pattern.find("[", end + 1)
-    try:
-        re.compile(fnmatch.translate(pattern))
-    except re.error as exc:
-        return f"the pattern does not compile: {exc}"
-    return None
-
-
 def validate_topic(value: Any) -> str:
     """The subscription string of a frame, or :class:`ProtocolError`."""
     if value is None or value == "":
@@ -173,7 +149,7 @@ def validate_topic(value: Any) -> str:
             "invalid_topic", "a topic has no control characters and no leading or trailing spaces", value
         )
     if is_pattern(value):
-        problem = _pattern_problem(value)
+        problem = pattern_error(value)
         if problem is not None:
             raise ProtocolError("invalid_topic", problem, value)
     return value
