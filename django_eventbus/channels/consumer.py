@@ -56,7 +56,6 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from channels.consumer import get_handler_name
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
@@ -66,6 +65,7 @@ from django_eventbus.events.codec import dumps, loads
 from django_eventbus.events.topics import is_pattern, literal_head, pattern_error, topic_matches
 from django_eventbus.models import StoredEvent
 
+from . import MESSAGE_TYPE
 from .auth import may_see, may_subscribe
 from .forwarding import note_server_loop
 from .groups import subscription_group, user_group
@@ -231,14 +231,17 @@ class EventsConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]  # chann
         self.subscriptions.clear()
 
     async def dispatch(self, message: dict[str, Any]) -> None:
-        # Channels closes stale database connections before *every* handler: a hop to the
-        # one sync thread per message. This consumer touches the database only through
-        # database_sync_to_async, which does that itself, so the hop is skipped: a fan-out
-        # to 1,000 sockets would otherwise queue 1,000 hops on that thread per event.
-        handler = getattr(self, get_handler_name(message), None)
-        if handler is None:
-            raise ValueError(f"no handler for message type {message.get('type')!r}")
-        await handler(message)
+        # The one bypass of Channels' dispatch(), for live events only. Channels (>= 4.2)
+        # hops to the one sync thread to close stale database connections before every
+        # handler; a fan-out is one message per socket, so each event would queue one hop
+        # per socket of the process on that thread. eventbus_event reaches the database
+        # only through database_sync_to_async, which closes them itself. Every other
+        # message (client frames, connect, reauthorize) keeps Channels' path. Figures:
+        # bench/README.md, Websocket.
+        if message.get("type") == MESSAGE_TYPE:
+            await self.eventbus_event(message)
+        else:
+            await super().dispatch(message)
 
     # -- client frames -----------------------------------------------------------------
 
