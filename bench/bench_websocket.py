@@ -399,6 +399,8 @@ def main() -> None:
         "EVENTBUS_URL": REDIS_URL,
         "EVENTBUS_CHANNEL_PREFIX": prefix,
         "DJANGO_DEBUG": "0",
+        # One user, one address, every socket: the per-user and per-address limits are not measured here.
+        "EVENTBUS_WEBSOCKET_MAX_CONNECTIONS": str(args.clients + 10),
     }
     if args.pool:
         env["DATABASE_POOL"] = str(args.pool)

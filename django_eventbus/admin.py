@@ -264,7 +264,7 @@ class StoredEventAdmin(StoredEventAdminBase):
         Two steps rather than one ``OR``: the id lookups are equalities on indexed
         columns, but a ``LIKE 'prefix%'`` can only use an index with a pattern operator
         class (or the C collation), and one unindexable branch makes PostgreSQL scan
-        the whole log for the whole ``OR`` (~250 ms at 1M rows instead of ~5 ms).
+        the whole log for the whole ``OR`` (figures in bench/README.md, Admin).
         """
         term = search_term.strip()
         if not term:

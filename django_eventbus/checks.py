@@ -27,7 +27,7 @@ DOCS = "see the django-eventbus README, section Settings"
 def check_settings(
     app_configs: Sequence[AppConfig] | None = None, databases: Sequence[str] | None = None, **kwargs: Any
 ) -> list[CheckMessage]:
-    raw = getattr(settings, "EVENTBUS", {})
+    raw = conf.declared
     if not isinstance(raw, Mapping):
         return [
             Error(

@@ -89,8 +89,13 @@ class EventBusSettings:
         self._default_source: tuple[int, str] | None = None
 
     @property
+    def declared(self) -> object:
+        """``settings.EVENTBUS`` as written, of any type (``{}`` when unset): for the checks."""
+        return getattr(settings, "EVENTBUS", {})
+
+    @property
     def raw(self) -> Mapping[str, Any]:
-        value = getattr(settings, "EVENTBUS", None)
+        value = self.declared
         return value if isinstance(value, Mapping) else {}
 
     def get(self, key: str) -> Any:

@@ -37,7 +37,7 @@ def _configured() -> Any:
     """``_api`` once the application set a tracer provider, else None.
 
     Until then every span would be a no-op, yet creating one and extracting its context
-    cost a third of catch-up's time per event (profiled): skip the work instead.
+    is a large share of catch-up's time per event (bench/README.md, Listener): skip the work instead.
     """
     if _api is None or isinstance(_api[1].get_tracer_provider(), _api[1].ProxyTracerProvider):
         return None

@@ -135,6 +135,10 @@ EVENTBUS: dict[str, Any] = {
         "inventory.Shipment": {"exclude": ["secret"]},
     },
 }
+if os.environ.get("EVENTBUS_WEBSOCKET_MAX_CONNECTIONS"):
+    # bench/bench_websocket.py opens its thousand sockets as one user from one address.
+    EVENTBUS["WEBSOCKET_MAX_CONNECTIONS_PER_USER"] = int(os.environ["EVENTBUS_WEBSOCKET_MAX_CONNECTIONS"])
+    EVENTBUS["WEBSOCKET_MAX_CONNECTIONS_PER_ADDRESS"] = int(os.environ["EVENTBUS_WEBSOCKET_MAX_CONNECTIONS"])
 
 LOGGING = {
     "version": 1,

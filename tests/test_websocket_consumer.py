@@ -89,6 +89,35 @@ async def test_subscribe_then_receive_events(users: dict[str, Any], connect: Any
     assert await ws.receive_nothing(timeout=0.2)
 
 
+async def test_only_live_events_skip_channels_dispatch(
+    users: dict[str, Any], connect: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Channels >= 4.2 closes stale database connections before every handler; the
+    # consumer keeps that for client frames and skips it for the fan-out of live events
+    # (EventsConsumer.dispatch, bench/README.md).
+    import channels.consumer
+
+    if not hasattr(channels.consumer, "aclose_old_connections"):
+        pytest.skip("Channels < 4.2 does not close old connections in dispatch()")
+    calls: list[None] = []
+
+    async def counted() -> None:
+        calls.append(None)
+
+    monkeypatch.setattr(channels.consumer, "aclose_old_connections", counted)
+    ws = await connect(users["admin"])
+    after_connect = len(calls)
+    await subscribe(ws, "inventory:product")
+    assert len(calls) == after_connect + 1
+    sent = event("inventory:product", name="Lamp")
+    await forward(sent)
+    await expect_event(ws, sent)
+    assert len(calls) == after_connect + 1
+    await ws.send_json_to({"type": "unsubscribe", "topic": "inventory:product"})
+    assert (await ws.receive_json_from(timeout=3))["type"] == "unsubscribed"
+    assert len(calls) == after_connect + 2
+
+
 async def test_pattern_receives_every_topic_under_the_prefix(users: dict[str, Any], connect: Any) -> None:
     ws = await connect(users["admin"])
     assert (await subscribe(ws, "inventory:*"))["type"] == "subscribed"

@@ -14,11 +14,14 @@ signals, bulk helpers, ``publish()``). It uses Django's public transaction API:
 
 A rolled back savepoint discards exactly its own events: the buffer is one
 ``on_commit`` callback per savepoint level, which Django drops with the
-savepoint. One callback per level, not per event: Django drains that queue with
-``list.pop(0)``, quadratic for a bulk job with 100k events. Finding the level's
-callback again needs two undocumented connection attributes; they are read in
-one place, :func:`on_commit_state`, which falls back to one callback per
-:func:`emit` call if a Django version lacks them.
+savepoint. One callback per level, not per event, so that the levels of one
+transaction share one count of buffered events (``PUBLISH_BUFFER`` below):
+Django's public API cannot tell which callbacks belong to the current
+transaction. Finding the level's callback again needs two undocumented
+connection attributes; they are read in one place, :func:`on_commit_state`,
+which falls back to one callback per :func:`emit` call if a Django version lacks
+them (``PUBLISH_BUFFER`` then bounds each call, not the transaction). Speed is
+not the reason: ``bench/bench_commit_callbacks.py`` measures both (bench/README.md).
 
 Bounded memory: a transaction keeps at most ``PUBLISH_BUFFER`` events for
 after-commit publishing. Events emitted beyond it are inserted with

@@ -29,7 +29,6 @@ This module imports nothing from Channels: :func:`setup` stays cheap, and works
 from __future__ import annotations
 
 import importlib.util
-from typing import Any
 
 from django_eventbus.events import Event
 
@@ -87,9 +86,11 @@ CHECKPOINT_EVERY = 100
 
 
 def setup() -> None:
-    """Register (or unregister) the forwarding consumer and the checks; idempotent."""
+    """Register (or unregister) the forwarding consumer and the checks; idempotent.
+
+    Run again when ``EVENTBUS`` or ``CHANNEL_LAYERS`` changes (the app's ``setting_changed`` receiver).
+    """
     from django.core import checks
-    from django.core.signals import setting_changed
 
     from django_eventbus.conf import conf
     from django_eventbus.delivery.consumers import Consumer, register, unregister
@@ -99,7 +100,6 @@ def setup() -> None:
 
     checks.register(check_channels, checks.Tags.compatibility)
     connect_receivers()
-    setting_changed.connect(_on_setting_changed, dispatch_uid="django_eventbus.channels")
     if enabled():
         register(
             Consumer(
@@ -114,8 +114,3 @@ def setup() -> None:
         )
     else:
         unregister(CONSUMER_NAME)
-
-
-def _on_setting_changed(setting: str, **kwargs: Any) -> None:
-    if setting in ("EVENTBUS", "CHANNEL_LAYERS"):
-        setup()

@@ -26,7 +26,7 @@ from django.db import models
 from django.utils.module_loading import import_string
 
 from django_eventbus.conf import conf
-from django_eventbus.events.dispatch import topic_matches
+from django_eventbus.events.topics import topic_matches
 
 __all__ = ["Authorize", "default_authorize", "get_authorize", "may_see", "may_subscribe", "model_topics"]
 

@@ -52,25 +52,23 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import fnmatch
-import re
 import time
 from collections.abc import Iterable
 from typing import Any
 
-from channels.consumer import get_handler_name
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
 from django_eventbus.conf import conf
 from django_eventbus.events import Event
 from django_eventbus.events.codec import dumps, loads
-from django_eventbus.events.dispatch import topic_matches
+from django_eventbus.events.topics import is_pattern, literal_head, pattern_error, topic_matches
 from django_eventbus.models import StoredEvent
 
+from . import MESSAGE_TYPE
 from .auth import may_see, may_subscribe
 from .forwarding import note_server_loop
-from .groups import is_pattern, literal_head, subscription_group, user_group
+from .groups import subscription_group, user_group
 
 __all__ = ["CLOSE_REVOKED", "CLOSE_TOO_MANY_CONNECTIONS", "EventsConsumer"]
 
@@ -137,28 +135,6 @@ class _Subscription:
         return topic_matches(self.topic, topic) if self.pattern else topic == self.topic
 
 
-def _pattern_problem(pattern: str) -> str | None:
-    """Why an fnmatch pattern is malformed, or ``None``."""
-    # fnmatch would quietly read an unclosed "[" as a literal; a client that wrote one
-    # more likely made a mistake, so say so (same scan as fnmatch.translate's).
-    index = pattern.find("[")
-    while index >= 0:
-        start = index + 1
-        if pattern[start : start + 1] == "!":
-            start += 1
-        if pattern[start : start + 1] == "]":
-            start += 1
-        end = pattern.find("]", start)
-        if end < 0:
-            return "an unclosed '[' in the pattern"
-        index = pattern.find("[", end + 1)
-    try:
-        re.compile(fnmatch.translate(pattern))
-    except re.error as exc:
-        return f"the pattern does not compile: {exc}"
-    return None
-
-
 def validate_topic(value: Any) -> str:
     """The subscription string of a frame, or :class:`ProtocolError`."""
     if value is None or value == "":
@@ -173,7 +149,7 @@ def validate_topic(value: Any) -> str:
             "invalid_topic", "a topic has no control characters and no leading or trailing spaces", value
         )
     if is_pattern(value):
-        problem = _pattern_problem(value)
+        problem = pattern_error(value)
         if problem is not None:
             raise ProtocolError("invalid_topic", problem, value)
     return value
@@ -255,14 +231,17 @@ class EventsConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]  # chann
         self.subscriptions.clear()
 
     async def dispatch(self, message: dict[str, Any]) -> None:
-        # Channels closes stale database connections before *every* handler: a hop to the
-        # one sync thread per message. This consumer touches the database only through
-        # database_sync_to_async, which does that itself, so the hop is skipped: a fan-out
-        # to 1,000 sockets would otherwise queue 1,000 hops on that thread per event.
-        handler = getattr(self, get_handler_name(message), None)
-        if handler is None:
-            raise ValueError(f"no handler for message type {message.get('type')!r}")
-        await handler(message)
+        # The one bypass of Channels' dispatch(), for live events only. Channels (>= 4.2)
+        # hops to the one sync thread to close stale database connections before every
+        # handler; a fan-out is one message per socket, so each event would queue one hop
+        # per socket of the process on that thread. eventbus_event reaches the database
+        # only through database_sync_to_async, which closes them itself. Every other
+        # message (client frames, connect, reauthorize) keeps Channels' path. Figures:
+        # bench/README.md, Websocket.
+        if message.get("type") == MESSAGE_TYPE:
+            await self.eventbus_event(message)
+        else:
+            await super().dispatch(message)
 
     # -- client frames -----------------------------------------------------------------
 

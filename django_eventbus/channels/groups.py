@@ -34,7 +34,7 @@ so a subscriber of ``inventory:*`` receives ``inventory:product`` and
 ``inventory:order``. Any other fnmatch pattern (``inventory:prod*``,
 ``*:product``) is served from the group of its longest literal colon prefix
 (or ``eventbus.all``) and filtered with
-:func:`~django_eventbus.events.dispatch.topic_matches`, which
+:func:`~django_eventbus.events.topics.topic_matches`, which
 :class:`~django_eventbus.channels.consumer.EventsConsumer` does. The invariant
 the tests check: whenever ``topic_matches(pattern, topic)``,
 ``subscription_group(pattern) in groups_for_topic(topic)``.
@@ -45,6 +45,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import string
+
+from django_eventbus.events.topics import PATTERN_CHARS, is_pattern, literal_head
 
 __all__ = [
     "ALL_GROUP",
@@ -67,8 +69,6 @@ MAX_GROUP_LENGTH = 99
 MAX_PREFIX_DEPTH = 4
 #: The group every event is sent to (subscribed to by the pattern ``*``).
 ALL_GROUP = "eventbus.all"
-#: fnmatch metacharacters: a topic containing one of them is a pattern.
-PATTERN_CHARS = frozenset("*?[")
 
 _NAMESPACE = "eventbus"
 _SAFE = frozenset(string.ascii_letters + string.digits + "-.")
@@ -145,19 +145,6 @@ def groups_for_topic(topic: str) -> tuple[str, ...]:
         *(prefix_group_name(prefix) for prefix in _colon_prefixes(topic)),
         ALL_GROUP,
     )
-
-
-def is_pattern(topic: str) -> bool:
-    """Whether a subscription string is an fnmatch pattern (contains ``*``, ``?`` or ``[``)."""
-    return any(char in PATTERN_CHARS for char in topic)
-
-
-def literal_head(pattern: str) -> str:
-    """The part of ``pattern`` before its first metacharacter: every match starts with it."""
-    for index, char in enumerate(pattern):
-        if char in PATTERN_CHARS:
-            return pattern[:index]
-    return pattern
 
 
 @functools.lru_cache(maxsize=1024)

@@ -21,7 +21,7 @@ import logging
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from django_eventbus.events.dispatch import topic_matches
+from django_eventbus.events.topics import is_pattern, topic_matches
 from django_eventbus.events.types import Event
 
 __all__ = ["Consumer", "celery_route", "consumer", "get_consumers", "register", "unregister"]
@@ -29,8 +29,6 @@ __all__ = ["Consumer", "celery_route", "consumer", "get_consumers", "register", 
 logger = logging.getLogger("django_eventbus")
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-PATTERN_CHARS = frozenset("*?[")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +70,7 @@ class Consumer:
 
     @property
     def is_pattern(self) -> bool:
-        return any(c in PATTERN_CHARS for c in self.pattern)
+        return is_pattern(self.pattern)
 
     def matches(self, topic: str) -> bool:
         return topic_matches(self.pattern, topic) if self.is_pattern else topic == self.pattern

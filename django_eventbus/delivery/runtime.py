@@ -9,7 +9,8 @@ code hands it coroutines with ``run_coroutine_threadsafe`` and async code
 awaits the same futures. Handlers subscribed through it run on that loop.
 
 The runner is built lazily from ``EVENTBUS["BUS"]`` and rebuilt when the
-setting changes (``setting_changed``), like channels' layer manager.
+setting changes (the app's ``setting_changed`` receiver calls
+:func:`reset_if_bus_changed`), like channels' layer manager.
 """
 
 from __future__ import annotations
@@ -23,9 +24,6 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, TypeVar
-
-from django.core.signals import setting_changed
-from django.dispatch import receiver
 
 from django_eventbus import signals, tracing
 from django_eventbus.conf import conf
@@ -378,10 +376,10 @@ async def aget_bus() -> ProcessBus:
     return bus
 
 
-@receiver(setting_changed)
-def _reset_on_setting_change(setting: str, **kwargs: Any) -> None:
+def reset_if_bus_changed() -> None:
+    """Drop the runner if the settings now name another bus (called on ``setting_changed``)."""
     # Only a different bus needs a new runner; other keys (MODELS…) are read live.
-    if setting in ("EVENTBUS", "DATABASES") and _runner is not None:
+    if _runner is not None:
         try:
             same = _runner.config == conf.bus_config()
         except Exception:

@@ -11,29 +11,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import fnmatch
-import functools
 import inspect
 import logging
-import re
 import time
-from collections.abc import Callable
 
+from .topics import topic_matches
 from .types import Event, Handler, Subscription
 
 __all__ = ["BusStats", "Delivery", "SubscriptionTable", "call_handler", "topic_matches"]
 
 logger = logging.getLogger("django_eventbus.events")
-
-
-@functools.lru_cache(maxsize=1024)
-def _compile(pattern: str) -> Callable[[str], re.Match[str] | None]:
-    return re.compile(fnmatch.translate(pattern)).match
-
-
-def topic_matches(pattern: str, topic: str) -> bool:
-    """fnmatch semantics, case-sensitive on every OS (``A:B`` is not ``a:b``)."""
-    return _compile(pattern)(topic) is not None
 
 
 @dataclasses.dataclass

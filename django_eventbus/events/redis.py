@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import functools
 import logging
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -49,6 +48,7 @@ from .base import BaseEventBus, ConnectionState
 from .codec import dumps_event, loads_event
 from .dispatch import Delivery
 from .errors import BusClosedError, EventBusError
+from .topics import redis_glob  # re-exported: tests import it from here
 from .types import Event
 
 __all__ = ["RedisConnectionError", "RedisEventBus", "parse_sentinel_url", "redis_glob"]
@@ -63,10 +63,6 @@ logger = logging.getLogger("django_eventbus.events")
 # Keys of a redis URL's query string for redis-py's pool, not a connection: ours has
 # max_connections too; the pool's wait ``timeout`` is publish_timeout here.
 _POOL_OPTIONS = ("max_connections", "timeout")
-# fnmatch metacharacters: a pattern's literal head ends at the first of them.
-_FNMATCH_META = frozenset("*?[")
-# Characters Redis' glob matcher treats specially; escaped with a backslash in the literal head.
-_GLOB_SPECIAL = frozenset("\\*?[]")
 SENTINEL_SCHEME = "redis+sentinel"
 _SENTINEL_PORT = 26379
 # Errors after which a publish is worth retrying: the connection, not the command, failed.
@@ -111,24 +107,6 @@ def parse_sentinel_url(url: str) -> tuple[list[tuple[str, int]], str, str, str |
     db = path[1] if len(path) > 1 else "0"
     redis_url = urlunsplit(("redis", f"{userinfo}@localhost" if at else "localhost", f"/{db}", rest, ""))
     return sentinels, path[0], redis_url, sentinel_password
-
-
-@functools.lru_cache(maxsize=1024)
-def redis_glob(channel_prefix: str, pattern: str) -> str:
-    """The Redis PSUBSCRIBE glob that matches (at least) every channel of fnmatch ``pattern``.
-
-    Redis' glob syntax differs from fnmatch (``[^x]`` vs ``[!x]``, backslash
-    escapes), so only the pattern's literal head up to its first metacharacter
-    is kept, escaped, followed by ``*``; the bus then filters with fnmatch. A
-    pattern without metacharacters maps to its own (escaped) channel name.
-    """
-    head = pattern
-    for i, char in enumerate(pattern):
-        if char in _FNMATCH_META:
-            head = pattern[:i]
-            break
-    escaped = "".join("\\" + c if c in _GLOB_SPECIAL else c for c in f"{channel_prefix}:{head}")
-    return escaped + "*" if len(head) < len(pattern) else escaped
 
 
 def _validate_sentinels(
@@ -721,7 +699,7 @@ class RedisEventBus(BaseEventBus):
 class _Publisher:
     """The publishing connections: each runs one publish (or one pipeline) at a time.
 
-    redis-py's client and pool cost ~3x the loopback round trip of a PUBLISH here
+    redis-py's client and pool cost more than the loopback round trip of a PUBLISH
     (a task per socket write for ``socket_timeout``, pool locks, observability hooks);
     a free list of plain connections does the same job. No per-operation timeouts:
     the bus puts one deadline around the whole publish.
