@@ -3,7 +3,7 @@
     python bench/bench_commit_callbacks.py [--sizes 1,100,10000] [--repeats R] [--bus redis|postgres-django]
 
 ``capture/outbox.py`` reuses one ``on_commit(robust=True)`` callback per savepoint
-level through :func:`~django_eventbus.capture.outbox.on_commit_state`, which reads
+level through :func:`~django_eventbus.db_commit.on_commit_state`, which reads
 Django's ``savepoint_ids`` and ``run_on_commit``. Without that adapter (its
 public fallback, forced here by making it return ``None``) every ``emit()`` — every
 tracked save — registers its own callback, which Django drains with ``list.pop(0)``

@@ -18,7 +18,8 @@ savepoint. One callback per level, not per event, so that the levels of one
 transaction share one count of buffered events (``PUBLISH_BUFFER`` below):
 Django's public API cannot tell which callbacks belong to the current
 transaction. Finding the level's callback again needs two undocumented
-connection attributes; they are read in one place, :func:`on_commit_state`,
+connection attributes; they are read in one place,
+:func:`~django_eventbus.db_commit.on_commit_state`,
 which falls back to one callback per :func:`emit` call if a Django version lacks
 them (``PUBLISH_BUFFER`` then bounds each call, not the transaction). Speed is
 not the reason: ``bench/bench_commit_callbacks.py`` measures both (bench/README.md).
@@ -38,13 +39,13 @@ published right away.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 from django.db import connections, transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
 
 from django_eventbus.conf import conf
+from django_eventbus.db_commit import on_commit_state
 from django_eventbus.delivery.relay import is_wake_callback, wake_after_commit
 from django_eventbus.delivery.runtime import get_runner
 from django_eventbus.events import Event
@@ -104,29 +105,6 @@ def emit(events: Sequence[Event], using: str | None = None) -> None:
             wake_after_commit(alias)
     flush.events.extend(events[:keep])
     flush.txn.buffered += keep
-
-
-def on_commit_state(
-    connection: BaseDatabaseWrapper,
-) -> tuple[frozenset[str], Iterator[tuple[frozenset[str], Callable[[], Any]]]] | None:
-    """The current savepoint level and the on_commit callbacks still due, newest first.
-
-    Each is a set of savepoint ids: a callback registered at ``ids`` survives
-    everything a callback registered now survives when ``ids <= current``.
-    Django keeps these in ``connection.savepoint_ids`` and ``connection.run_on_commit``
-    (entries ``(savepoint ids, func, robust)``), which are not documented API:
-    this is the one place that reads them. ``None`` (a Django without them)
-    means: register a callback per call. A ``None`` savepoint id marks an
-    ``atomic(savepoint=False)`` block (Django's deletion collector uses one),
-    which cannot roll back on its own: it is its parent's level.
-    """
-    wrapper: Any = connection  # typed loosely: the point is to survive their absence
-    current = getattr(wrapper, "savepoint_ids", None)
-    pending = getattr(wrapper, "run_on_commit", None)
-    if not isinstance(current, list) or not isinstance(pending, list):
-        return None
-    level = frozenset(current) - {None}
-    return level, ((frozenset(entry[0]) - {None}, entry[1]) for entry in reversed(pending))
 
 
 def _current_flush(connection: BaseDatabaseWrapper) -> _Flush:

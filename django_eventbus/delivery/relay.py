@@ -48,6 +48,7 @@ from asgiref.sync import sync_to_async
 from django.db import connections
 
 from django_eventbus.conf import conf, django_database_conninfo
+from django_eventbus.db_commit import on_commit_state
 from django_eventbus.events.backoff import backoff_delays
 from django_eventbus.events.base import BaseEventBus
 from django_eventbus.events.types import Event
@@ -124,8 +125,6 @@ def wake_after_commit(using: str | None = None) -> None:
     transaction (unless an enclosing savepoint level already has one), so a bulk
     job does not send a NOTIFY per row; a rolled back savepoint drops its own.
     """
-    from django_eventbus.capture.outbox import on_commit_state
-
     alias = using or conf.DATABASE_ALIAS
     connection = connections[alias]
     if not connection.in_atomic_block:
