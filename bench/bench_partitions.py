@@ -3,12 +3,15 @@
     python bench/bench_partitions.py [--events N] [--delay SECONDS] [--bus postgres|redis]
 
 The consumer is testproject's recorder with ``partitions=4`` and a handler that waits
-``--delay`` (5 ms: an I/O-bound handler, e.g. an HTTP call) per event. For each count of
-``manage.py eventbus_listen`` processes, once the listeners have shared the partitions
-(ceil(4 / processes) each), this process creates N products in transactions of 100 and
-the clock runs from the first commit to the last event handled. The baseline is one
-process running the same consumer in the same run; the handler-bound ceiling (processes /
-delay) is printed beside it. Targets: 2 processes >= 1.8x, 4 processes >= 3.4x.
+``--delay`` (5 ms: an I/O-bound handler, e.g. an HTTP call) per event; each process runs
+only it (``eventbus_listen --consumer inventory.recorder``). For each count of listener
+processes, once they have shared the partitions (ceil(4 / processes) each), N events of
+N rows are logged in one transaction (a backlog: what a consumer scaled out to catch up
+faces) and the clock runs from that commit to the last event handled. ``--live`` instead
+creates N products in transactions of 100 through the ORM while the listeners run (the
+writer then shares the 2 cores with them). The baseline is one process running the same
+consumer in the same run; the handler-bound ceiling (processes / delay) is printed beside
+it. Targets: 2 processes >= 1.8x, 4 processes >= 3.4x.
 
 Database: ``eventbus_bench`` on the local server (created if missing).
 """
@@ -30,7 +33,7 @@ from bench_listener import DB_URL, REDIS_URL, ROOT, ensure_database
 
 def start(env: dict[str, str]) -> subprocess.Popen[str]:
     process = subprocess.Popen(
-        [sys.executable, "manage.py", "eventbus_listen"],
+        [sys.executable, "manage.py", "eventbus_listen", "--consumer", "inventory.recorder"],
         cwd=ROOT,
         env=env,
         stdout=subprocess.DEVNULL,
@@ -57,7 +60,23 @@ def shares() -> list[int]:
     return sorted(Counter(owner for owner in owners if owner).values())
 
 
-def run(processes: int, events: int, delay: float, bus: str) -> float:
+def log_backlog(events: int) -> None:
+    """``events`` product events of distinct rows, logged in one transaction (no ORM, no publish)."""
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute(
+            """INSERT INTO django_eventbus_event (event_id, type, topic, payload, timestamp, source, metadata)
+               SELECT gen_random_uuid()::text, 'created', 'inventory:product',
+                      jsonb_build_object('model', 'inventory.product', 'pk', g,
+                                         'fields', jsonb_build_object('name', 'e' || g, 'stock', 1)),
+                      now(), 'bench', '{}'::jsonb
+               FROM generate_series(1, %s) g""",
+            [events],
+        )
+
+
+def run(processes: int, events: int, delay: float, bus: str, live: bool) -> float:
     """Events/s of the partitioned consumer run by ``processes`` listener processes."""
     from django.conf import settings
     from django.db import connection, transaction
@@ -81,6 +100,7 @@ def run(processes: int, events: int, delay: float, bus: str) -> float:
         "EVENTBUS_CHANNEL_PREFIX": prefix,
         "EVENTBUS_RECORD_DELAY": str(delay),
         "EVENTBUS_RECORD_PARTITIONS": "4",
+        "EVENTBUS_CATCHUP_INTERVAL": "0.2",
         "EVENTBUS_LOG": "WARNING",
         "PYTHONUNBUFFERED": "1",
     }
@@ -93,16 +113,20 @@ def run(processes: int, events: int, delay: float, bus: str) -> float:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the listeners did not share the partitions: {shares()}")
             time.sleep(0.05)
-        config = {**settings.EVENTBUS, "BUS": {**parse_bus_url(url), "channel_prefix": prefix}}
-        with override_settings(EVENTBUS=config):
-            get_runner().bus  # noqa: B018 - connect before timing
+        if live:
+            config = {**settings.EVENTBUS, "BUS": {**parse_bus_url(url), "channel_prefix": prefix}}
+            with override_settings(EVENTBUS=config):
+                get_runner().bus  # noqa: B018 - connect before timing
+                start_time = time.time()
+                for first in range(0, events, 100):
+                    with transaction.atomic():
+                        for i in range(first, min(events, first + 100)):
+                            Product.objects.create(name=f"e{i}", stock=1)
+                get_runner().flush()
+                reset_runner()
+        else:
             start_time = time.time()
-            for first in range(0, events, 100):
-                with transaction.atomic():
-                    for i in range(first, min(events, first + 100)):
-                        Product.objects.create(name=f"e{i}", stock=1)
-            get_runner().flush()
-            reset_runner()
+            log_backlog(events)
 
         def handled() -> list[float]:
             times: list[float] = []
@@ -135,6 +159,7 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=2000)
     parser.add_argument("--delay", type=float, default=0.005, help="seconds the handler waits per event")
     parser.add_argument("--bus", choices=["postgres", "redis"], default="postgres")
+    parser.add_argument("--live", action="store_true", help="ORM creates while the listeners run")
     args = parser.parse_args()
     os.environ["DATABASE_URL"] = DB_URL
     os.environ["DJANGO_SETTINGS_MODULE"] = "testproject.settings"
@@ -145,18 +170,19 @@ def main() -> None:
     from django.core.management import call_command
 
     call_command("migrate", verbosity=0)
+    source = "ORM creates while they run" if args.live else "a backlog logged in one transaction"
     print(
-        f"== {args.events:,} saves, a consumer with 4 partitions whose handler waits "
-        f"{args.delay * 1000:.0f} ms per event ({args.bus} bus)"
+        f"== {args.events:,} events ({source}), a consumer with 4 partitions whose handler "
+        f"waits {args.delay * 1000:.0f} ms per event ({args.bus} bus)"
     )
     print(f"{'listener processes':24}{'events/s':>10}{'vs 1':>8}{'ceiling':>10}{'target':>8}")
     baseline = 0.0
     for processes, target in ((1, None), (2, 1.8), (4, 3.4)):
-        rate = run(processes, args.events, args.delay, args.bus)
+        rate = run(processes, args.events, args.delay, args.bus, args.live)
         baseline = baseline or rate
-        ceiling = processes / args.delay
+        ceiling = f"{processes / args.delay:,.0f}" if args.delay else "-"
         goal = f">={target}x" if target else ""
-        print(f"{processes:<24}{rate:>10,.0f}{rate / baseline:>7.2f}x{ceiling:>10,.0f}{goal:>8}")
+        print(f"{processes:<24}{rate:>10,.0f}{rate / baseline:>7.2f}x{ceiling:>10}{goal:>8}")
 
 
 if __name__ == "__main__":

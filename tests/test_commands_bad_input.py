@@ -24,6 +24,7 @@ BAD_ARGUMENTS = [
     (["eventbus_prune", "--older-than", "xyz"], "is not a duration"),
     (["eventbus_listen", "--since", "no-such-event", "inventory:*"], "no-such-event"),
     (["eventbus_listen", "--since", "2026-13-45T99:00", "inventory:*"], "2026-13-45"),
+    (["eventbus_listen", "--consumer", "no.such.consumer"], "no registered consumer named no.such.consumer"),
     (["eventbus_status", "--timeout", "abc"], "invalid float value"),
 ]
 

@@ -46,6 +46,14 @@ class Command(EventbusCommand):
             default=None,
             help="run the registered consumers (default: only when no topic is given)",
         )
+        parser.add_argument(
+            "--consumer",
+            action="append",
+            dest="only",
+            metavar="NAME",
+            help="run only this registered consumer (repeatable): dedicate processes to a slow "
+            "or partitioned consumer",
+        )
         parser.add_argument("--since", help="first replay the log after this event id or ISO 8601 time")
         parser.add_argument(
             "--relay",
@@ -93,6 +101,15 @@ class Command(EventbusCommand):
             for t in topics
         ]
         consumers = get_consumers() if run_consumers else []
+        if options["only"]:
+            known = {c.name for c in consumers}
+            unknown = sorted(set(options["only"]) - known)
+            if unknown:
+                raise CommandError(
+                    f"no registered consumer named {', '.join(unknown)} "
+                    f"(registered: {', '.join(sorted(known)) or 'none'})"
+                )
+            consumers = [c for c in consumers if c.name in options["only"]]
         relay = options["relay"] if options["relay"] is not None else run_consumers
         if relay and not conf.STORE_EVENTS:
             if options["relay"]:
