@@ -675,25 +675,22 @@ class RedisEventBus(BaseEventBus):
     async def _execute(
         self, publisher: _Publisher, commands: list[tuple[str, str, str]], errors: list[BaseException]
     ) -> None:
-        try:
-            return await publisher.execute(commands)
-        except _PERMANENT:
-            raise
-        except _TRANSIENT as exc:
-            errors.append(exc)
-        logger.warning("redis event bus: publish to %s failed (%s); retrying", self._where(), errors[-1])
-        # A retry may publish twice (the failed attempt may have reached Redis): consumers dedup by id.
-        for delay in backoff_delays():
-            await asyncio.sleep(delay)
-            if self._publisher is not publisher:
-                raise BusClosedError("the redis event bus was closed while publishing") from errors[-1]
+        delays = backoff_delays()
+        while True:
             try:
                 return await publisher.execute(commands)
             except _PERMANENT:
                 raise
             except _TRANSIENT as exc:
                 errors.append(exc)
-        raise AssertionError("unreachable: backoff_delays() is endless")
+            if len(errors) == 1:
+                where = self._where()
+                logger.warning("redis event bus: publish to %s failed (%s); retrying", where, errors[-1])
+            # A retry may publish twice (the failed attempt may have reached Redis): consumers
+            # dedup by id.
+            await asyncio.sleep(next(delays))
+            if self._publisher is not publisher:
+                raise BusClosedError("the redis event bus was closed while publishing") from errors[-1]
 
 
 class _Publisher:
