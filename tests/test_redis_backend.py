@@ -26,7 +26,7 @@ from redis.asyncio.connection import Connection, SSLConnection, UnixDomainSocket
 
 from django_eventbus.events import BusClosedError, ConnectionState, Event, EventType, create_event_bus
 from django_eventbus.events.codec import dumps_event
-from django_eventbus.events.redis import RedisConnectionError, RedisEventBus, redis_glob
+from django_eventbus.events.redis import RedisConnectionError, RedisEventBus
 from tests.polling import await_until as wait_for
 from tests.polling import await_until_async as wait_for_async
 from tests.polling import returns
@@ -186,21 +186,6 @@ def test_bad_options_are_clear_errors(options: dict[str, Any], message: str) -> 
 def test_unknown_option_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="invalid options for the 'redis' event bus"):
         create_event_bus({"backend": "redis", "hots": "example.com"})
-
-
-@pytest.mark.parametrize(
-    ("prefix", "pattern", "glob"),
-    [
-        ("events", "inventory:*", "events:inventory:*"),
-        ("events", "a?c", "events:a*"),
-        ("events", "[ab]x", "events:*"),
-        ("events", "[!a]*", "events:*"),
-        ("events", "exact:topic", "events:exact:topic"),  # no metacharacter: its own channel
-        ("ev*?", "a\\b]:*", "ev\\*\\?:a\\\\b\\]:*"),  # Redis glob specials in the literal part escaped
-    ],
-)
-def test_redis_glob_is_a_superset_of_the_fnmatch_pattern(prefix: str, pattern: str, glob: str) -> None:
-    assert redis_glob(prefix, pattern) == glob
 
 
 # -- the shared server: connection options --------------------------------------------
