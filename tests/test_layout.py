@@ -19,7 +19,7 @@ DOTTED = re.compile(r"\bdjango_eventbus(?:\.[A-Za-z_][A-Za-z0-9_]*)+")
 #: dotted names in the docs that are not import paths
 NOT_PATHS = re.compile(
     r"django_eventbus\.[EW]\d{3}$"  # system check ids
-    r"|django_eventbus\.relay$"  # the relay's cursor name
+    r"|django_eventbus\.relay$|django_eventbus\.streams$"  # the relays' cursor names
     r"|_storedevent$|_deadletter$"  # admin permission and URL names
 )
 

@@ -262,6 +262,7 @@ class LogRelay:
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+        self._current: asyncio.Future[None] | None = None
 
     async def deliver(self, rows: list[tuple[int, Event]]) -> None:
         """Send ``(log id, event)`` pairs, in log order; raise if they may not all have gone."""
@@ -313,16 +314,28 @@ class LogRelay:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        await self._finish_pass()
         self.active = False
         # The ORM ran in asgiref's thread-sensitive executor: close that thread's connections.
         with contextlib.suppress(RuntimeError):  # at interpreter exit the executors are shut down
             await sync_to_async(connections.close_all)()
 
     async def _pass(self) -> None:
+        # Shielded: stop() cancels the relay's task, but a pass that delivered rows must save
+        # the cursor before the lock is released, or the next active relay delivers them again.
+        self._current = asyncio.ensure_future(self._publish_logged())
+        await asyncio.shield(self._current)
+
+    async def _publish_logged(self) -> None:
         try:
             await self.publish_pending()
         except Exception:
             logger.exception("the event relay failed to publish; retrying in %gs", self.interval)
+
+    async def _finish_pass(self) -> None:
+        """Let a pass in flight (delivery and cursor save) finish, at most ``PUBLISH_TIMEOUT``."""
+        if self._current is not None and not self._current.done():
+            await asyncio.wait({self._current}, timeout=conf.PUBLISH_TIMEOUT)
 
     async def _run(self) -> None:
         vendor = await sync_to_async(lambda: connections[self.using].vendor)()
@@ -373,6 +386,9 @@ class LogRelay:
                 await asyncio.sleep(delay)
             finally:
                 self.active = False
+                # Closing the session releases the lock: not before this relay's last pass
+                # saved its cursor.
+                await self._finish_pass()
                 if conn is not None:
                     with contextlib.suppress(Exception):
                         await conn.close()
